@@ -362,9 +362,11 @@ mod tests {
         c.validate().expect_err("should be invalid")
     }
 
+    type Mutation = Box<dyn FnOnce(&mut BoxConfig)>;
+
     #[test]
     fn each_bad_field_is_named() {
-        let cases: Vec<(&str, Box<dyn FnOnce(&mut BoxConfig)>)> = vec![
+        let cases: Vec<(&str, Mutation)> = vec![
             ("image", Box::new(|c| c.image = "has space".into())),
             (
                 "entrypoint[0]",
