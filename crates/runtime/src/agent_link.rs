@@ -1,0 +1,114 @@
+//! The runtime's use of the agent client: connect + wait for SERVING, run an exec to
+//! completion, shut down, and the `agent.sock` bridge. Keeps [`crate::manager`] independent of
+//! the client's details.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::agent_client::{serve_bridge, AgentClient, BridgeHandle, ExecSpec};
+use crate::hypervisor::AgentEndpoint;
+use crate::manager::{ExecResult, ResolvedExec, WaitError};
+use crate::process::ExitInfo;
+
+/// A shared connection to one box's agent.
+#[derive(Clone)]
+pub struct AgentLink {
+    client: Arc<AgentClient>,
+}
+
+async fn connect(endpoint: &AgentEndpoint) -> Result<AgentClient, String> {
+    match endpoint {
+        AgentEndpoint::HybridVsock { uds, port } => {
+            AgentClient::connect_hybrid_vsock(uds, *port).await.map_err(|e| e.to_string())
+        }
+        AgentEndpoint::Unix(p) => AgentClient::connect_unix(p).await.map_err(|e| e.to_string()),
+    }
+}
+
+impl AgentLink {
+    /// Connects and retries the health check until SERVING, the VMM exits or `deadline`.
+    pub(crate) async fn connect_healthy(
+        endpoint: &AgentEndpoint,
+        exit: &tokio::sync::watch::Receiver<Option<ExitInfo>>,
+        deadline: Instant,
+    ) -> Result<Self, WaitError> {
+        let mut last;
+        loop {
+            if let Some(info) = exit.borrow().clone() {
+                return Err(WaitError::Exited(info.to_string()));
+            }
+            match connect(endpoint).await {
+                Ok(c) => match c.health().await {
+                    Ok(true) => return Ok(AgentLink { client: Arc::new(c) }),
+                    Ok(false) => last = "health check answered NOT_SERVING".into(),
+                    Err(e) => last = format!("health check failed: {e}"),
+                },
+                Err(e) => last = format!("connect failed: {e}"),
+            }
+            if Instant::now() >= deadline {
+                return Err(WaitError::Agent(format!("not SERVING before the boot deadline: {last}")));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn health(&self) -> Result<bool, String> {
+        self.client.health().await.map_err(|e| e.to_string())
+    }
+
+    pub async fn exec(&self, r: &ResolvedExec) -> Result<ExecResult, String> {
+        let spec = ExecSpec {
+            argv: r.argv.clone(),
+            env: r.env.clone(),
+            cwd: r.cwd.clone(),
+            user: r.user.clone(),
+            stdin: r.stdin.is_some(),
+            ..Default::default()
+        };
+        let out = match &r.stdin {
+            Some(input) => self.client.exec_output_with_stdin(spec, input.clone()).await,
+            None => self.client.exec_output(spec).await,
+        }
+        .map_err(|e| e.to_string())?;
+        Ok(ExecResult {
+            exit_code: out.exit_code,
+            signal: out.signal,
+            stdout: out.stdout,
+            stderr: out.stderr,
+            duration: Duration::ZERO,
+        })
+    }
+
+    pub async fn shutdown(&self) -> Result<(), String> {
+        self.client.shutdown().await.map_err(|e| e.to_string())
+    }
+
+    /// A clone of the connected client (cheap; calls may run concurrently).
+    pub fn client(&self) -> AgentClient {
+        (*self.client).clone()
+    }
+}
+
+/// The `agent.sock` bridge; stops when dropped.
+pub struct Bridge {
+    _handle: BridgeHandle,
+    path: PathBuf,
+}
+
+impl Bridge {
+    pub async fn start(listen: &Path, endpoint: &AgentEndpoint) -> Result<Self, String> {
+        let AgentEndpoint::HybridVsock { uds, port } = endpoint else {
+            return Err("the agent endpoint is already a plain Unix socket".into());
+        };
+        let _ = std::fs::remove_file(listen);
+        let h = serve_bridge(listen, uds, *port).await.map_err(|e| e.to_string())?;
+        Ok(Bridge { _handle: h, path: listen.to_path_buf() })
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

@@ -1,0 +1,190 @@
+//! The hypervisor backend trait and backend selection.
+//!
+//! The rest of the runtime talks to a VM only through [`Hypervisor`] and [`VmHandle`]; QEMU and
+//! libkrun are named only in their modules.
+
+pub mod krun;
+pub mod qemu;
+pub mod qmp;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+
+use crate::accel::{Accel, AccelDecision};
+use crate::paths::BoxPaths;
+use crate::process::ExitInfo;
+
+/// Why a backend could not be used or a VM could not be controlled.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("QEMU not found: {0}")]
+    QemuMissing(String),
+    #[error("virtiofsd not found: {0}")]
+    VirtiofsdMissing(String),
+    #[error("vhost-device-vsock not found: {0}")]
+    VsockDeviceMissing(String),
+    #[error("libkrun is not usable: {0}")]
+    KrunUnavailable(String),
+    #[error("libkrun call {call} failed with error {code}")]
+    KrunCall { call: &'static str, code: i32 },
+    #[error("failed to start {what}: {source}")]
+    Spawn { what: String, source: std::io::Error },
+    #[error("{what} did not come up: {detail}")]
+    HelperFailed { what: String, detail: String },
+    #[error("QMP: {0}")]
+    Qmp(String),
+    #[error("invalid VM spec: {0}")]
+    InvalidSpec(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A host directory exported to the guest over virtio-fs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    pub tag: String,
+    pub host_dir: PathBuf,
+    pub read_only: bool,
+}
+
+/// A user-mode NIC with forwarded host ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserNet {
+    /// (protocol "tcp"/"udp", host ip, host port, guest port)
+    pub forwards: Vec<(String, std::net::IpAddr, u16, u16)>,
+}
+
+/// Everything a backend needs to start one VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub box_paths: BoxPaths,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Kernel arguments beyond the backend's own console/timer arguments.
+    pub extra_cmdline: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub accel: Accel,
+    pub shares: Vec<Share>,
+    pub net: Option<UserNet>,
+    /// Guest vsock port of the agent.
+    pub agent_port: u32,
+}
+
+/// How the host reaches the agent's vsock port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentEndpoint {
+    /// Firecracker-style hybrid vsock: connect to `uds`, send `CONNECT <port>\n`, read `OK ..`.
+    HybridVsock { uds: PathBuf, port: u32 },
+    /// A plain Unix socket that is already the guest port (libkrun's port mapping).
+    Unix(PathBuf),
+}
+
+/// A process belonging to a running VM (for hygiene checks and RSS accounting).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmProcess {
+    pub name: String,
+    pub pid: u32,
+}
+
+/// A VM started by a backend.
+pub trait VmHandle: Send + Sync {
+    /// The VMM and its helpers, VMM first.
+    fn processes(&self) -> Vec<VmProcess>;
+    /// Resolves to the VMM's exit status when it ends (for any reason).
+    fn vmm_exit(&self) -> watch::Receiver<Option<ExitInfo>>;
+    fn agent_endpoint(&self) -> AgentEndpoint;
+    /// Asks the guest to power off (ACPI power button).
+    fn powerdown(&self) -> BoxFuture<'_, Result<(), HypervisorError>>;
+    fn pause(&self) -> BoxFuture<'_, Result<(), HypervisorError>>;
+    fn resume(&self) -> BoxFuture<'_, Result<(), HypervisorError>>;
+    /// Lets the host take back guest memory the guest has freed (balloon free page reporting
+    /// or an inflate/deflate cycle). Returns a description of what was done.
+    fn reclaim_memory(&self) -> BoxFuture<'_, Result<String, HypervisorError>>;
+    /// Ends the VMM (quit, then SIGKILL after `grace`) and every helper; waits for all of them.
+    fn terminate(&self, grace: Duration) -> BoxFuture<'_, ()>;
+    /// Summed resident memory of the VMM and helpers.
+    fn rss_bytes(&self) -> u64 {
+        self.processes().iter().filter_map(|p| crate::process::rss_bytes(p.pid)).sum()
+    }
+}
+
+/// A hypervisor backend.
+pub trait Hypervisor: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Checks that the backend can run here (binaries, libraries, acceleration) before any
+    /// process is started.
+    fn check(&self, accel: Accel) -> Result<(), HypervisorError>;
+    fn launch<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, Result<Box<dyn VmHandle>, HypervisorError>>;
+}
+
+/// Which backend to use: `MICROBOX_BACKEND` beats the config; auto picks libkrun only when it
+/// is installed and KVM is usable (it has no software emulation), QEMU otherwise.
+pub fn select_backend(
+    choice: microbox_core::BackendChoice,
+    accel: &AccelDecision,
+) -> Result<Box<dyn Hypervisor>, HypervisorError> {
+    use microbox_core::BackendChoice;
+    let env = std::env::var("MICROBOX_BACKEND").ok().filter(|s| !s.is_empty());
+    let choice = match env.as_deref() {
+        Some("qemu") => BackendChoice::Qemu,
+        Some("krun") | Some("libkrun") => BackendChoice::Krun,
+        Some("auto") | None => choice,
+        Some(other) => {
+            return Err(HypervisorError::InvalidSpec(format!(
+                "MICROBOX_BACKEND={other:?}: expected qemu, krun or auto"
+            )))
+        }
+    };
+    match choice {
+        BackendChoice::Qemu => Ok(Box::new(qemu::QemuBackend::new())),
+        BackendChoice::Krun => Ok(Box::new(krun::KrunBackend::new())),
+        BackendChoice::Auto => {
+            let krun = krun::KrunBackend::new();
+            if accel.accel == Accel::Kvm && krun.check(Accel::Kvm).is_ok() {
+                Ok(Box::new(krun))
+            } else {
+                Ok(Box::new(qemu::QemuBackend::new()))
+            }
+        }
+    }
+}
+
+/// Waits until `path` exists (a helper's listening socket) or the helper exits.
+pub(crate) async fn wait_for_socket(
+    path: &std::path::Path,
+    helper: &crate::process::ManagedProcess,
+    log: &std::path::Path,
+    timeout: Duration,
+) -> Result<(), HypervisorError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if path.exists() {
+            return Ok(());
+        }
+        if let Some(info) = helper.exit_info() {
+            return Err(HypervisorError::HelperFailed {
+                what: helper.name().to_string(),
+                detail: format!("it exited ({info}); log {}: {}", log.display(), tail_of(log, 5)),
+            });
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(HypervisorError::HelperFailed {
+                what: helper.name().to_string(),
+                detail: format!("{} did not appear within {timeout:?}", path.display()),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The last `n` lines of a text file (for error messages).
+pub fn tail_of(path: &std::path::Path, n: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

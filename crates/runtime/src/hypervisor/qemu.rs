@@ -1,0 +1,378 @@
+//! QEMU `microvm` backend.
+//!
+//! Per box: one virtiofsd per shared directory (image root, writable layer, volumes), one
+//! vhost-device-vsock (userspace virtio-vsock with the hybrid-vsock Unix socket the agent client
+//! uses; kernel vhost-vsock is used instead when `/dev/vhost-vsock` exists), and QEMU itself with:
+//! memfd shared guest memory (vhost-user devices map it), the serial console in `console.log`,
+//! a QMP socket, a virtio-balloon with free page reporting (compaction), `-nodefaults`, and the
+//! seccomp sandbox (`-sandbox on,...`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use tokio::sync::{watch, Mutex};
+
+use super::qmp::Qmp;
+use super::{
+    wait_for_socket, AgentEndpoint, Hypervisor, HypervisorError, VmHandle, VmProcess, VmSpec,
+};
+use crate::accel::{host_tsc_khz, Accel};
+use crate::process::{find_program, ExitInfo, ManagedProcess};
+
+/// Guest context id of every box (each box has its own vsock device, so they never clash).
+pub const GUEST_CID: u32 = 3;
+const HELPER_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The QEMU backend (stateless: everything per VM lives in [`QemuVm`]).
+#[derive(Debug, Default)]
+pub struct QemuBackend;
+
+impl QemuBackend {
+    pub fn new() -> Self {
+        Self
+    }
+
+    fn qemu() -> Result<PathBuf, HypervisorError> {
+        find_program("qemu-system-x86_64", "MICROBOX_QEMU").ok_or_else(|| {
+            HypervisorError::QemuMissing(
+                "qemu-system-x86_64 is not in PATH (install qemu-system-x86 or set MICROBOX_QEMU)".into(),
+            )
+        })
+    }
+
+    fn virtiofsd() -> Result<PathBuf, HypervisorError> {
+        find_program("virtiofsd", "MICROBOX_VIRTIOFSD").ok_or_else(|| {
+            HypervisorError::VirtiofsdMissing(
+                "virtiofsd is not in PATH, ~/.cargo/bin or /usr/libexec (`cargo install virtiofsd` or set MICROBOX_VIRTIOFSD)"
+                    .into(),
+            )
+        })
+    }
+
+    fn vsock_device() -> Result<PathBuf, HypervisorError> {
+        find_program("vhost-device-vsock", "MICROBOX_VHOST_VSOCK").ok_or_else(|| {
+            HypervisorError::VsockDeviceMissing(
+                "vhost-device-vsock is not in PATH or ~/.cargo/bin (`cargo install vhost-device-vsock` or set MICROBOX_VHOST_VSOCK)"
+                    .into(),
+            )
+        })
+    }
+}
+
+/// Kernel command line for a microvm guest.
+pub fn kernel_cmdline(accel: Accel, tsc_khz: Option<u64>, extra: &str) -> String {
+    // panic=-1 + -no-reboot: a guest panic ends QEMU at once instead of hanging the box.
+    let mut c = String::from("console=ttyS0 panic=-1 reboot=t loglevel=4 i8042.noaux i8042.nomux i8042.nopnp");
+    if accel == Accel::Tcg {
+        // TCG's emulated PIT makes TSC calibration fail now and then (boot hangs); the guest TSC
+        // under TCG runs at the host rate, so tell the kernel.
+        if let Some(khz) = tsc_khz {
+            c.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+    }
+    if !extra.is_empty() {
+        c.push(' ');
+        c.push_str(extra);
+    }
+    c
+}
+
+/// QEMU arguments for `spec` (pure; unit-tested).
+pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>, kernel_vhost_vsock: bool) -> Vec<String> {
+    let bp = &spec.box_paths;
+    let mem = spec.memory_mib;
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |parts: &[&str]| a.extend(parts.iter().map(|s| s.to_string()));
+    push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+    push(&["-machine", "microvm,memory-backend=mem,rtc=on"]);
+    push(&["-object", &format!("memory-backend-memfd,id=mem,size={mem}M,share=on")]);
+    push(&["-m", &format!("{mem}M"), "-smp", &spec.vcpus.to_string()]);
+    match spec.accel {
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        // A bounded translation cache keeps the idle RSS of TCG boxes predictable.
+        Accel::Tcg => push(&["-accel", "tcg,tb-size=64", "-cpu", "max"]),
+    }
+    push(&["-kernel", &spec.kernel.to_string_lossy(), "-initrd", &spec.initrd.to_string_lossy()]);
+    push(&["-append", &kernel_cmdline(spec.accel, tsc_khz, &spec.extra_cmdline)]);
+    push(&["-chardev", &format!("file,id=console,path={}", bp.console_log().display())]);
+    push(&["-serial", "chardev:console"]);
+    push(&["-qmp", &format!("unix:{},server=on,wait=off", bp.qmp_socket().display())]);
+    for (i, s) in spec.shares.iter().enumerate() {
+        push(&["-chardev", &format!("socket,id=fs{i},path={}", bp.virtiofs_socket(&s.tag).display())]);
+        push(&["-device", &format!("vhost-user-fs-device,chardev=fs{i},tag={}", s.tag)]);
+    }
+    if kernel_vhost_vsock {
+        push(&["-device", &format!("vhost-vsock-device,guest-cid={GUEST_CID}")]);
+    } else {
+        push(&["-chardev", &format!("socket,id=vsock,path={}", bp.vhost_vsock_socket().display())]);
+        push(&["-device", "vhost-user-vsock-device,chardev=vsock"]);
+    }
+    push(&["-device", "virtio-balloon-device,free-page-reporting=on"]);
+    if let Some(net) = &spec.net {
+        let mut nd = String::from("user,id=net0");
+        for (proto, ip, hp, gp) in &net.forwards {
+            nd.push_str(&format!(",hostfwd={proto}:{ip}:{hp}-:{gp}"));
+        }
+        push(&["-netdev", &nd, "-device", "virtio-net-device,netdev=net0"]);
+    }
+    push(&["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
+    a
+}
+
+impl Hypervisor for QemuBackend {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn check(&self, _accel: Accel) -> Result<(), HypervisorError> {
+        Self::qemu()?;
+        Self::virtiofsd()?;
+        if !Path::new("/dev/vhost-vsock").exists() {
+            Self::vsock_device()?;
+        }
+        Ok(())
+    }
+
+    fn launch<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, Result<Box<dyn VmHandle>, HypervisorError>> {
+        async move {
+            let mut vm = QemuVm { helpers: Vec::new(), qemu: None, qmp: Mutex::new(None), spec: spec.clone() };
+            match vm.start().await {
+                Ok(()) => Ok(Box::new(vm) as Box<dyn VmHandle>),
+                Err(e) => {
+                    // A failed start leaves no process behind.
+                    vm.terminate_all(Duration::ZERO).await;
+                    Err(e)
+                }
+            }
+        }
+        .boxed()
+    }
+}
+
+/// One running QEMU VM and its helpers.
+pub struct QemuVm {
+    helpers: Vec<ManagedProcess>,
+    qemu: Option<ManagedProcess>,
+    qmp: Mutex<Option<Qmp>>,
+    spec: VmSpec,
+}
+
+impl QemuVm {
+    async fn start(&mut self) -> Result<(), HypervisorError> {
+        let qemu_bin = QemuBackend::qemu()?;
+        let virtiofsd = QemuBackend::virtiofsd()?;
+        let kernel_vsock = Path::new("/dev/vhost-vsock").exists();
+        let vsock_dev = if kernel_vsock { None } else { Some(QemuBackend::vsock_device()?) };
+        let bp = self.spec.box_paths.clone();
+
+        // Start all helpers first, then wait for their sockets together (they start in parallel).
+        let mut waits: Vec<(PathBuf, usize, PathBuf)> = Vec::new();
+        for s in &self.spec.shares {
+            let sock = bp.virtiofs_socket(&s.tag);
+            let _ = std::fs::remove_file(&sock);
+            let log = bp.dir.join(format!("virtiofsd-{}.log", s.tag));
+            let mut args = vec![
+                format!("--socket-path={}", sock.display()),
+                format!("--shared-dir={}", s.host_dir.display()),
+                "--cache=auto".to_string(),
+                "--log-level=warn".to_string(),
+            ];
+            if s.read_only {
+                args.push("--readonly".into());
+            }
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                // The namespace sandbox needs root (or a user namespace setup we do not do).
+                args.push("--sandbox=none".into());
+            }
+            let p = ManagedProcess::spawn(
+                &format!("virtiofsd-{}", s.tag),
+                &virtiofsd,
+                &args,
+                Some(&log),
+                Some(bp.pidfile(&format!("virtiofsd-{}", s.tag))),
+            )
+            .map_err(|e| HypervisorError::Spawn { what: format!("virtiofsd for {}", s.host_dir.display()), source: e })?;
+            self.helpers.push(p);
+            waits.push((sock, self.helpers.len() - 1, log));
+        }
+        if let Some(dev) = vsock_dev {
+            let sock = bp.vhost_vsock_socket();
+            let _ = std::fs::remove_file(&sock);
+            let _ = std::fs::remove_file(bp.vsock_uds());
+            let log = bp.dir.join("vhost-device-vsock.log");
+            let args = vec![
+                "--vm".to_string(),
+                format!("guest-cid={GUEST_CID},socket={},uds-path={}", sock.display(), bp.vsock_uds().display()),
+            ];
+            let p = ManagedProcess::spawn("vhost-device-vsock", &dev, &args, Some(&log), Some(bp.pidfile("vhost-device-vsock")))
+                .map_err(|e| HypervisorError::Spawn { what: "vhost-device-vsock".into(), source: e })?;
+            self.helpers.push(p);
+            waits.push((sock, self.helpers.len() - 1, log));
+        }
+        for (sock, idx, log) in &waits {
+            wait_for_socket(sock, &self.helpers[*idx], log, HELPER_START_TIMEOUT).await?;
+        }
+
+        let _ = std::fs::remove_file(bp.qmp_socket());
+        let tsc = if self.spec.accel == Accel::Tcg { host_tsc_khz() } else { None };
+        let args = qemu_args(&self.spec, tsc, kernel_vsock);
+        let log = bp.dir.join("qemu.log");
+        tracing::debug!(args = ?args, "starting qemu");
+        let q = ManagedProcess::spawn("qemu", &qemu_bin, &args, Some(&log), Some(bp.pidfile("qemu")))
+            .map_err(|e| HypervisorError::Spawn { what: "qemu-system-x86_64".into(), source: e })?;
+        self.qemu = Some(q);
+        let q = self.qemu.as_ref().expect("just set");
+        wait_for_socket(&bp.qmp_socket(), q, &log, HELPER_START_TIMEOUT).await?;
+        Ok(())
+    }
+
+    async fn qmp_execute(&self, cmd: &str, args: Option<serde_json::Value>) -> Result<serde_json::Value, HypervisorError> {
+        let mut guard = self.qmp.lock().await;
+        if guard.is_none() {
+            *guard = Some(Qmp::connect(&self.spec.box_paths.qmp_socket()).await?);
+        }
+        let r = guard.as_mut().expect("connected").execute(cmd, args).await;
+        if r.is_err() {
+            // Reconnect next time (QEMU may have closed the connection).
+            *guard = None;
+        }
+        r
+    }
+
+    async fn terminate_all(&self, grace: Duration) {
+        if let Some(q) = &self.qemu {
+            if q.is_running() && !grace.is_zero() {
+                let _ = tokio::time::timeout(grace, self.qmp_execute("quit", None)).await;
+                let _ = tokio::time::timeout(grace, q.wait()).await;
+            }
+            q.kill().await;
+        }
+        *self.qmp.lock().await = None;
+        for h in &self.helpers {
+            h.stop(Duration::from_millis(if grace.is_zero() { 0 } else { 500 })).await;
+        }
+        for s in &self.spec.shares {
+            let _ = std::fs::remove_file(self.spec.box_paths.virtiofs_socket(&s.tag));
+        }
+        let _ = std::fs::remove_file(self.spec.box_paths.vhost_vsock_socket());
+        let _ = std::fs::remove_file(self.spec.box_paths.vsock_uds());
+        let _ = std::fs::remove_file(self.spec.box_paths.qmp_socket());
+    }
+
+    /// Total RSS while balloon reporting settles: waits until it stops falling.
+    async fn settle_rss(&self, max: Duration) -> u64 {
+        let start = tokio::time::Instant::now();
+        let mut last = self.rss_bytes();
+        let mut stable = 0;
+        while start.elapsed() < max {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let now = self.rss_bytes();
+            if now + 512 * 1024 >= last {
+                stable += 1;
+                if stable >= 6 {
+                    return now;
+                }
+            } else {
+                stable = 0;
+            }
+            last = now;
+        }
+        last
+    }
+}
+
+impl VmHandle for QemuVm {
+    fn processes(&self) -> Vec<VmProcess> {
+        self.qemu
+            .iter()
+            .chain(self.helpers.iter())
+            .filter(|p| p.is_running())
+            .map(|p| VmProcess { name: p.name().to_string(), pid: p.pid() })
+            .collect()
+    }
+
+    fn vmm_exit(&self) -> watch::Receiver<Option<ExitInfo>> {
+        match &self.qemu {
+            Some(q) => q.exit_watch(),
+            None => watch::channel(Some(ExitInfo { code: None, signal: None })).1,
+        }
+    }
+
+    fn agent_endpoint(&self) -> AgentEndpoint {
+        AgentEndpoint::HybridVsock { uds: self.spec.box_paths.vsock_uds(), port: self.spec.agent_port }
+    }
+
+    fn powerdown(&self) -> BoxFuture<'_, Result<(), HypervisorError>> {
+        async move { self.qmp_execute("system_powerdown", None).await.map(drop) }.boxed()
+    }
+
+    fn pause(&self) -> BoxFuture<'_, Result<(), HypervisorError>> {
+        async move { self.qmp_execute("stop", None).await.map(drop) }.boxed()
+    }
+
+    fn resume(&self) -> BoxFuture<'_, Result<(), HypervisorError>> {
+        async move { self.qmp_execute("cont", None).await.map(drop) }.boxed()
+    }
+
+    fn reclaim_memory(&self) -> BoxFuture<'_, Result<String, HypervisorError>> {
+        async move {
+            // Free page reporting hands freed guest pages back to QEMU, which punches them out of
+            // the memfd; wait until the RSS stops falling.
+            let _ = self.settle_rss(Duration::from_secs(8)).await;
+            Ok("virtio-balloon free page reporting".to_string())
+        }
+        .boxed()
+    }
+
+    fn terminate(&self, grace: Duration) -> BoxFuture<'_, ()> {
+        self.terminate_all(grace).boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::{Share, UserNet};
+    use crate::paths::BoxPaths;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            box_paths: BoxPaths::new("/r/boxes/b1".into()),
+            kernel: "/boot/vmlinuz".into(),
+            initrd: "/r/boxes/b1/initrd.cpio".into(),
+            extra_cmdline: "microbox.x=1".into(),
+            vcpus: 2,
+            memory_mib: 384,
+            accel: Accel::Tcg,
+            shares: vec![Share { tag: "rootfs".into(), host_dir: "/img/root".into(), read_only: true }],
+            net: Some(UserNet { forwards: vec![("tcp".into(), "127.0.0.1".parse().unwrap(), 8080, 80)] }),
+            agent_port: 4088,
+        }
+    }
+
+    #[test]
+    fn args_have_limits_sandbox_and_devices() {
+        let a = qemu_args(&spec(), Some(2_500_000), false).join(" ");
+        assert!(a.contains("-m 384M -smp 2"), "{a}");
+        assert!(a.contains("memory-backend-memfd,id=mem,size=384M,share=on"));
+        assert!(a.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"));
+        assert!(a.contains("vhost-user-fs-device,chardev=fs0,tag=rootfs"));
+        assert!(a.contains("path=/r/boxes/b1/fs-rootfs.sock"));
+        assert!(a.contains("vhost-user-vsock-device,chardev=vsock"));
+        assert!(a.contains("tsc_early_khz=2500000"));
+        assert!(a.contains("microbox.x=1"));
+        assert!(a.contains("hostfwd=tcp:127.0.0.1:8080-:80"));
+        assert!(a.contains("-nodefaults"));
+        let k = qemu_args(&spec(), None, true).join(" ");
+        assert!(k.contains("vhost-vsock-device,guest-cid=3"));
+        assert!(!k.contains("tsc_early_khz"));
+    }
+
+    #[test]
+    fn kvm_has_no_tsc_hint() {
+        assert!(!kernel_cmdline(Accel::Kvm, Some(1), "").contains("tsc_early_khz"));
+    }
+}

@@ -1,0 +1,25 @@
+//! microbox-runtime: turns a `BoxConfig` into a running microVM and talks to its agent.
+//!
+//! - [`VmManager`]: the embeddable lifecycle API (boot, exec, compact, stop, destroy).
+//! - [`hypervisor`]: the backend trait with the QEMU `microvm` and libkrun backends.
+//! - [`assets`]: guest kernel discovery and the initramfs microbox assembles.
+//! - [`accel`]: KVM/TCG decision. [`paths`]: on-disk layout. [`process`]: helper processes.
+
+pub mod accel;
+pub mod agent_client;
+pub mod assets;
+pub mod eventlog;
+pub mod hypervisor;
+pub mod metrics;
+pub mod paths;
+pub mod process;
+pub mod vsock;
+mod agent_link;
+pub mod error;
+mod image_source;
+mod manager;
+
+pub use accel::{Accel, AccelDecision};
+pub use error::RuntimeError;
+pub use hypervisor::krun::shim_main_if_requested;
+pub use manager::{BootReport, CompactReport, ExecGuard, ExecRequest, ExecResult, ResolvedExec, VmManager};

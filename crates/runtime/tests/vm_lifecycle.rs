@@ -1,0 +1,90 @@
+//! Real microVMs (QEMU microvm; TCG on machines without hardware virtualization) booted from the
+//! busybox test image served by a real registry, with the real guest agent.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use microbox_core::{BootPhase, BoxEvent, BoxState, EventEmitter};
+use microbox_runtime::{ExecRequest, RuntimeError, VmManager};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_health_exec_stop_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let emitter = EventEmitter::default();
+    let mut sub = emitter.subscribe();
+    let vm = busybox_box(tmp.path(), &emitter);
+    assert_eq!(vm.state(), BoxState::Created);
+    vm.boot().await.unwrap();
+    assert_eq!(vm.state(), BoxState::Ready);
+    assert!(vm.health_check().await.unwrap());
+
+    let procs = vm.processes();
+    assert!(procs.len() >= 3, "{procs:?}");
+    let box_dir = vm.box_dir().to_path_buf();
+    assert!(vm.agent_socket().exists());
+
+    let out = vm.exec(ExecRequest::new(["uname", "-r"])).await.unwrap();
+    assert_eq!(out.exit_code, Some(0), "stderr: {}", out.stderr_str());
+    let kernel = microbox_runtime::assets::kernel::find_kernel(None).unwrap();
+    assert_eq!(out.stdout_str().trim(), kernel.version);
+
+    // The image's rootfs is visible and writes land in the box's own layer.
+    let w = vm.exec(ExecRequest::new(["sh", "-c", "echo hi > /newfile && cat /newfile && ls /bin/busybox"])).await.unwrap();
+    assert_eq!(w.stdout_str(), "hi\n/bin/busybox\n", "stderr: {}", w.stderr_str());
+
+    let fail = vm.exec(ExecRequest::new(["sh", "-c", "exit 7"])).await.unwrap();
+    assert_eq!(fail.exit_code, Some(7));
+
+    vm.stop(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(vm.state(), BoxState::Stopped);
+    for p in &procs {
+        assert!(gone(p.pid), "{} ({}) survived stop", p.name, p.pid);
+    }
+    assert!(processes_mentioning(&box_dir.to_string_lossy()).is_empty());
+    assert!(!vm.agent_socket().exists());
+
+    let events = drain(&mut sub);
+    let phases: Vec<BootPhase> = events
+        .iter()
+        .filter_map(|e| match e.event {
+            BoxEvent::BootPhase { phase, .. } => Some(phase),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(phases, BootPhase::ALL.to_vec());
+    let states: Vec<(BoxState, BoxState)> = events
+        .iter()
+        .filter_map(|e| match e.event {
+            BoxEvent::StateChanged { from, to, .. } => Some((from, to)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(states.first(), Some(&(BoxState::Created, BoxState::Ready)));
+    assert!(states.contains(&(BoxState::Ready, BoxState::Busy)));
+    assert!(states.contains(&(BoxState::Busy, BoxState::Ready)));
+    assert_eq!(states.last(), Some(&(BoxState::Ready, BoxState::Stopped)));
+    assert_eq!(events.iter().filter(|e| matches!(e.event, BoxEvent::ExecFinished { .. })).count(), 3);
+
+    vm.destroy().await.unwrap();
+    assert!(!box_dir.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_kernel_fails_before_any_process_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let emitter = EventEmitter::default();
+    let mut cfg = microbox_core::BoxConfig::new("/"); // a local root dir: no registry needed
+    cfg.kernel = Some(tmp.path().join("no-such-vmlinuz"));
+    cfg.network = microbox_core::NetworkMode::None;
+    let vm = VmManager::with_root(cfg, emitter, tmp.path());
+    let err = vm.boot().await.unwrap_err();
+    assert!(matches!(err, RuntimeError::Assets(microbox_runtime::assets::AssetError::NoKernel(_))), "{err}");
+    assert!(err.to_string().contains("no-such-vmlinuz"), "{err}");
+    assert!(vm.processes().is_empty());
+    assert!(!vm.box_dir().exists(), "no box directory (and so no helper) was created");
+    assert!(processes_mentioning(&tmp.path().to_string_lossy()).is_empty());
+    assert_eq!(vm.state(), BoxState::Created);
+    vm.destroy().await.unwrap();
+}
