@@ -13,6 +13,7 @@
 //! Nothing here needs SEV-SNP hardware; the guest side (reading reports) lives in the agent.
 
 mod certs;
+mod inputs;
 pub mod measure;
 mod policy;
 mod product;
@@ -21,6 +22,7 @@ pub mod vek;
 mod verify;
 
 pub use certs::{parse_time, verify_vek_chain, VekExtensions, VekKind};
+pub use inputs::{default_cache_dir, parse_nonce, verify_inputs, VerifyInputs};
 pub use measure::{measure, measure_with, vcpu_signature, MeasureParams};
 pub use policy::{Freshness, HashAlgo, Policy};
 pub use product::Product;

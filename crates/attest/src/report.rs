@@ -214,6 +214,10 @@ impl SnpReport {
     /// Which key signed the report.
     pub fn signing_key(&self) -> Result<SigningKey> {
         let key_info = le_u32(&self.raw, OFF_KEY_INFO);
+        if key_info & 0x2 != 0 {
+            // MASK_CHIP_KEY: the firmware wrote zeros instead of a signature.
+            return Ok(SigningKey::None);
+        }
         match (key_info >> 2) & 0x7 {
             0 => Ok(SigningKey::Vcek),
             1 => Ok(SigningKey::Vlek),

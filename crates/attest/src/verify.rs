@@ -220,7 +220,7 @@ fn run(req: &VerifyRequest<'_>, ctx: &mut Ctx, out: &mut Report) {
         Ok(SigningKey::None) => {
             ctx.fail(
                 "report.parse",
-                "the report is unsigned (KEY_INFO.SIGNING_KEY = none)",
+                "the report is unsigned (KEY_INFO has MASK_CHIP_KEY set or SIGNING_KEY = none)",
             );
             return;
         }

@@ -430,3 +430,110 @@ fn truncated_and_garbage_reports_are_rejected() {
         assert_eq!(r.failures(), vec!["report.parse"], "{r}");
     }
 }
+
+#[test]
+fn cli_style_inputs() {
+    let Some(d) = vectors() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = tmp.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "allow_debug = true\nreport_data_hash = \"sha512\"\n",
+    )
+    .unwrap();
+    let base = microbox_attest::VerifyInputs {
+        report: d.join("milan-debug-report.bin"),
+        vek: Some(d.join("milan-debug-vcek.der")),
+        policy: Some(policy.clone()),
+        at: Some("2025-06-01".into()),
+        ..Default::default()
+    };
+    let r = microbox_attest::verify_inputs(&base).unwrap();
+    assert!(r.passed(), "{r}");
+    let lines = r.render_lines();
+    assert!(
+        lines.last().unwrap().starts_with("verdict: PASS"),
+        "{lines:?}"
+    );
+    // Wrong nonce.
+    let r = microbox_attest::verify_inputs(&microbox_attest::VerifyInputs {
+        nonce_hex: Some("00112233445566778899aabbccddeeff".into()),
+        ..base.clone()
+    })
+    .unwrap();
+    assert_eq!(r.failures(), vec!["freshness"]);
+    // Input errors name the input.
+    let e = microbox_attest::verify_inputs(&microbox_attest::VerifyInputs {
+        nonce_hex: Some("xyz".into()),
+        ..base.clone()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("nonce `xyz`"), "{e}");
+    let e = microbox_attest::verify_inputs(&microbox_attest::VerifyInputs {
+        at: Some("yesterday".into()),
+        ..base.clone()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("`yesterday`") && e.contains("YYYY-MM-DD"), "{e}");
+    std::fs::write(&policy, "allow_debug = 1\n").unwrap();
+    let e = microbox_attest::verify_inputs(&base)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`allow_debug`") && e.contains("boolean"), "{e}");
+    // Offline without a cached VCEK: a failing check that names the cache and the KDS URL.
+    let r = microbox_attest::verify_inputs(&microbox_attest::VerifyInputs {
+        vek: None,
+        policy: None,
+        offline: true,
+        cache_dir: Some(tmp.path().join("cache")),
+        ..base.clone()
+    })
+    .unwrap();
+    let d = &r.check("vek.source").unwrap().detail;
+    assert!(
+        d.contains("offline mode") && d.contains("https://kdsintf.amd.com/vcek/v1/"),
+        "{d}"
+    );
+}
+
+#[test]
+fn report_versions_and_garbage_certificates() {
+    let Some(d) = vectors() else { return };
+    let mut raw = read(&d, "milan-vlek-report.bin");
+    for v in [3u32, 4, 5] {
+        raw[..4].copy_from_slice(&v.to_le_bytes());
+        let rep = SnpReport::from_bytes(&raw).unwrap();
+        assert_eq!(rep.version(), v);
+        assert_eq!(rep.cpuid_product(), Some(Product::Milan));
+    }
+    for v in [0u32, 1, 6, 0xffff_ffff] {
+        raw[..4].copy_from_slice(&v.to_le_bytes());
+        let e = SnpReport::from_bytes(&raw).unwrap_err().to_string();
+        assert!(e.contains("version") && e.contains("2 to 5"), "{e}");
+    }
+    // A v3+ report from an unknown CPU family is attributed to no product.
+    let mut raw = read(&d, "milan-vlek-report.bin");
+    raw[0x188] = 0x17; // family 17h (Rome: no SNP)
+    assert!(SnpReport::from_bytes(&raw)
+        .map(|r| r.cpuid_product())
+        .ok()
+        .flatten()
+        .is_none());
+    // Garbage where a VCEK should be.
+    let r = verify(&VerifyRequest {
+        report: &read(&d, "milan-report.bin"),
+        vek: VekSource::Bytes(vec![0x30, 0x82, 0xff, 0xff, 1, 2, 3]),
+        intermediate: None,
+        policy: &Policy::default(),
+        freshness: None,
+        at: at("2025-06-01"),
+    });
+    assert_eq!(r.failures(), vec!["vek.source"], "{r}");
+    assert!(r
+        .check("vek.source")
+        .unwrap()
+        .detail
+        .contains("not an X.509 certificate"));
+}
