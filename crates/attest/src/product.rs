@@ -131,3 +131,39 @@ pub(crate) fn fingerprint(cert: &x509_cert::Certificate) -> Result<String, Strin
         .map_err(|e| format!("cannot re-encode certificate: {e}"))?;
     Ok(hex::encode(Sha256::digest(&der)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::certs::signed_by;
+
+    #[test]
+    fn embedded_roots_are_pinned_and_chain() {
+        for p in ALL_PRODUCTS {
+            let ark = p.ark().unwrap(); // checks the fingerprint pin
+            signed_by(&ark, &ark).unwrap();
+            signed_by(&p.ask().unwrap(), &ark).unwrap();
+            if let Some(asvk) = p.asvk() {
+                let asvk = asvk.unwrap();
+                signed_by(&asvk, &ark).unwrap();
+                assert!(asvk
+                    .tbs_certificate
+                    .subject
+                    .to_string()
+                    .contains("SEV-VLEK"));
+            }
+        }
+        // A product's intermediates do not chain to another product's root.
+        let milan = Product::Milan.ark().unwrap();
+        assert!(signed_by(&Product::Genoa.ask().unwrap(), &milan).is_err());
+    }
+
+    #[test]
+    fn product_from_cpuid() {
+        assert_eq!(Product::from_cpuid(0x19, 0x01), Some(Product::Milan));
+        assert_eq!(Product::from_cpuid(0x19, 0x11), Some(Product::Genoa));
+        assert_eq!(Product::from_cpuid(0x1A, 0x02), Some(Product::Turin));
+        assert_eq!(Product::from_cpuid(0x17, 0x31), None);
+        assert_eq!(Product::from_name("genoa"), Some(Product::Genoa));
+    }
+}
