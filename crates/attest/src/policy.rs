@@ -84,7 +84,7 @@ pub struct Policy {
     pub allow_debug: bool,
     /// Accept POLICY.MIGRATE_MA = 1 (default false).
     pub allow_migration_agent: bool,
-    /// VMPLs allowed to have requested the report (default [0]).
+    /// VMPLs allowed to have requested the report (default: only VMPL 0).
     pub allowed_vmpls: Vec<u32>,
     /// Minimum REPORTED_TCB (default none).
     pub min_tcb: Option<Tcb>,

@@ -135,7 +135,7 @@ fn le_u64(b: &[u8], off: usize) -> u64 {
 }
 
 impl SnpReport {
-    /// Parses a raw report. Accepts exactly [`REPORT_LEN`] bytes, versions 2 to 5 and the
+    /// Parses a raw report. Accepts exactly 1184 bytes, versions 2 to 5 and the
     /// ECDSA P-384/SHA-384 signature algorithm.
     pub fn from_bytes(raw: &[u8]) -> Result<SnpReport> {
         if raw.len() != REPORT_LEN {

@@ -283,7 +283,7 @@ pub struct ResolvedVek {
     pub intermediate: Option<Vec<u8>>,
     /// An ARK supplied with the evidence; must equal the pinned one.
     pub ark: Option<Vec<u8>>,
-    /// Human-readable origin ("file /x", "certificate table", "cache /dir/..", "AMD KDS <url>").
+    /// Human-readable origin ("file /x", "certificate table", "cache /dir/..", "AMD KDS `url`").
     pub origin: String,
 }
 
