@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use microbox_agent_proto::{BootConfig, BootNetwork, BootVolume, AGENT_VSOCK_PORT};
 use microbox_core::{
-    AccelChoice, BootPhase, BoxConfig, BoxEvent, BoxId, BoxState, EventEmitter, NetworkMode, Protocol, Subscription,
+    AccelChoice, BootPhase, BoxConfig, BoxEvent, BoxId, BoxState, EventEmitter, NetworkMode,
+    Protocol, Subscription,
 };
 
 use crate::accel::{self, Accel, AccelDecision};
@@ -46,7 +47,10 @@ impl ExecRequest {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        Self { argv: argv.into_iter().map(Into::into).collect(), ..Default::default() }
+        Self {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        }
     }
     pub fn env(mut self, kv: impl Into<String>) -> Self {
         self.env.push(kv.into());
@@ -142,6 +146,7 @@ struct Inner {
     stopping: AtomicBool,
     image: Mutex<Option<ImageInfo>>,
     report: Mutex<BootReport>,
+    kernel_args: Mutex<String>,
 }
 
 /// One box: its configuration, state, VM and agent connection. Cheap to clone (shared).
@@ -152,7 +157,10 @@ pub struct VmManager {
 
 impl std::fmt::Debug for VmManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VmManager").field("id", &self.inner.id).field("state", &self.state()).finish()
+        f.debug_struct("VmManager")
+            .field("id", &self.inner.id)
+            .field("state", &self.state())
+            .finish()
     }
 }
 
@@ -168,7 +176,12 @@ impl VmManager {
     }
 
     /// Like [`VmManager::with_root`] with a given box id (e.g. chosen by the CLI).
-    pub fn with_id(config: BoxConfig, emitter: EventEmitter, root: impl Into<PathBuf>, id: BoxId) -> Self {
+    pub fn with_id(
+        config: BoxConfig,
+        emitter: EventEmitter,
+        root: impl Into<PathBuf>,
+        id: BoxId,
+    ) -> Self {
         let paths = Paths::new(root);
         let box_paths = BoxPaths::new(paths.box_dir(id.as_str()));
         VmManager {
@@ -178,15 +191,26 @@ impl VmManager {
                 emitter,
                 paths,
                 box_paths,
-                cell: Mutex::new(StateCell { state: BoxState::Created, running_execs: 0, reason: None }),
+                cell: Mutex::new(StateCell {
+                    state: BoxState::Created,
+                    running_execs: 0,
+                    reason: None,
+                }),
                 running: Mutex::new(None),
                 boot_lock: tokio::sync::Mutex::new(()),
                 next_exec_id: AtomicU64::new(1),
                 stopping: AtomicBool::new(false),
                 image: Mutex::new(None),
                 report: Mutex::new(BootReport::default()),
+                kernel_args: Mutex::new(String::new()),
             }),
         }
+    }
+
+    /// Extra guest kernel arguments for the next boot, appended last (so they win), e.g.
+    /// `loglevel=7` to debug a boot.
+    pub fn set_kernel_args(&self, args: impl Into<String>) {
+        *lock(&self.inner.kernel_args) = args.into();
     }
 
     pub fn id(&self) -> &BoxId {
@@ -240,12 +264,22 @@ impl VmManager {
     pub fn default_argv(&self) -> Option<Vec<String>> {
         let img = lock(&self.inner.image).clone();
         let c = &self.inner.config;
-        let entry = c.entrypoint.clone().or_else(|| img.as_ref().and_then(|i| i.entrypoint.clone())).unwrap_or_default();
+        let entry = c
+            .entrypoint
+            .clone()
+            .or_else(|| img.as_ref().and_then(|i| i.entrypoint.clone()))
+            .unwrap_or_default();
         // A config entrypoint resets the image's cmd (as docker does).
         let cmd = c
             .cmd
             .clone()
-            .or_else(|| if c.entrypoint.is_some() { None } else { img.as_ref().and_then(|i| i.cmd.clone()) })
+            .or_else(|| {
+                if c.entrypoint.is_some() {
+                    None
+                } else {
+                    img.as_ref().and_then(|i| i.cmd.clone())
+                }
+            })
             .unwrap_or_default();
         let argv: Vec<String> = entry.into_iter().chain(cmd).collect();
         (!argv.is_empty()).then_some(argv)
@@ -253,12 +287,18 @@ impl VmManager {
 
     /// PIDs of the VMM and its helpers (empty when not running).
     pub fn processes(&self) -> Vec<hypervisor::VmProcess> {
-        lock(&self.inner.running).as_ref().map(|r| r.vm.processes()).unwrap_or_default()
+        lock(&self.inner.running)
+            .as_ref()
+            .map(|r| r.vm.processes())
+            .unwrap_or_default()
     }
 
     /// Summed host RSS of all the box's processes.
     pub fn host_rss_bytes(&self) -> u64 {
-        lock(&self.inner.running).as_ref().map(|r| r.vm.rss_bytes()).unwrap_or(0)
+        lock(&self.inner.running)
+            .as_ref()
+            .map(|r| r.vm.rss_bytes())
+            .unwrap_or(0)
     }
 
     /// Boots the box (no-op when it already runs). Emits one `BootPhase` event per phase.
@@ -267,7 +307,12 @@ impl VmManager {
         match self.state() {
             BoxState::Created => {}
             BoxState::Ready | BoxState::Busy | BoxState::Compacting => return Ok(()),
-            s @ BoxState::Stopped => return Err(RuntimeError::InvalidState { op: "boot", state: s }),
+            s @ BoxState::Stopped => {
+                return Err(RuntimeError::InvalidState {
+                    op: "boot",
+                    state: s,
+                })
+            }
         }
         self.inner.config.validate()?;
         match self.boot_inner().await {
@@ -280,7 +325,9 @@ impl VmManager {
                     r.vm.terminate(Duration::ZERO).await;
                     self.inner.stopping.store(false, Ordering::SeqCst);
                 }
-                self.inner.emit(BoxEvent::Error { message: format!("boot failed: {e}") });
+                self.inner.emit(BoxEvent::Error {
+                    message: format!("boot failed: {e}"),
+                });
                 Err(e)
             }
         }
@@ -295,7 +342,10 @@ impl VmManager {
         let mut phase_done = |phase: BootPhase, report: &mut BootReport| {
             let d = phase_start.elapsed();
             report.phases.push((phase, d));
-            inner.emit(BoxEvent::BootPhase { phase, duration_ms: d.as_millis() as u64 });
+            inner.emit(BoxEvent::BootPhase {
+                phase,
+                duration_ms: d.as_millis() as u64,
+            });
             phase_start = Instant::now();
         };
 
@@ -323,14 +373,25 @@ impl VmManager {
         // Boot assets.
         let bp = inner.box_paths.clone();
         kill_stale_pidfiles(&bp.dir);
-        inner.paths.create_box_dir(inner.id.as_str()).map_err(|e| RuntimeError::io(&bp.dir, e))?;
+        inner
+            .paths
+            .create_box_dir(inner.id.as_str())
+            .map_err(|e| RuntimeError::io(&bp.dir, e))?;
         let stat = initramfs::ensure_static(&inner.paths.cache_dir(), &kern, &agent_bin)?;
         report.initramfs_cache_hit = stat.cache_hit;
-        let mut shares = vec![Share { tag: "rootfs".into(), host_dir: rootfs, read_only: true }];
+        let mut shares = vec![Share {
+            tag: "rootfs".into(),
+            host_dir: rootfs,
+            read_only: true,
+        }];
         let upper_tag = if cfg.persistent {
             let up = bp.upper_dir();
             std::fs::create_dir_all(&up).map_err(|e| RuntimeError::io(&up, e))?;
-            shares.push(Share { tag: "upper".into(), host_dir: up, read_only: false });
+            shares.push(Share {
+                tag: "upper".into(),
+                host_dir: up,
+                read_only: false,
+            });
             Some("upper".to_string())
         } else {
             None
@@ -338,8 +399,16 @@ impl VmManager {
         let mut volumes = Vec::new();
         for (i, v) in cfg.volumes.iter().enumerate() {
             let tag = format!("vol{i}");
-            shares.push(Share { tag: tag.clone(), host_dir: v.host.clone(), read_only: v.read_only });
-            volumes.push(BootVolume { tag, guest_path: v.guest.to_string_lossy().into_owned(), read_only: v.read_only });
+            shares.push(Share {
+                tag: tag.clone(),
+                host_dir: v.host.clone(),
+                read_only: v.read_only,
+            });
+            volumes.push(BootVolume {
+                tag,
+                guest_path: v.guest.to_string_lossy().into_owned(),
+                read_only: v.read_only,
+            });
         }
         let (net, boot_net) = match cfg.network {
             NetworkMode::None => (None, None),
@@ -366,7 +435,10 @@ impl VmManager {
             }
         };
         let boot_cfg = BootConfig {
-            hostname: cfg.hostname.clone().unwrap_or_else(|| inner.id.short().to_string()),
+            hostname: cfg
+                .hostname
+                .clone()
+                .unwrap_or_else(|| inner.id.short().to_string()),
             modules: stat.modules.clone(),
             rootfs_tag: "rootfs".into(),
             upper_tag,
@@ -382,7 +454,7 @@ impl VmManager {
             box_paths: bp.clone(),
             kernel: kern.path.clone(),
             initrd: bp.initrd(),
-            extra_cmdline: String::new(),
+            extra_cmdline: lock(&inner.kernel_args).clone(),
             vcpus: cfg.vcpus,
             memory_mib: cfg.memory_mib,
             accel: accel.accel,
@@ -423,7 +495,11 @@ impl VmManager {
         };
         report.total = boot_start.elapsed();
         *lock(&inner.report) = report;
-        *lock(&inner.running) = Some(Running { vm: vm.clone(), agent, bridge });
+        *lock(&inner.running) = Some(Running {
+            vm: vm.clone(),
+            agent,
+            bridge,
+        });
         inner.set_state(BoxState::Ready, None)?;
         self.spawn_watcher(vm);
         Ok(())
@@ -432,8 +508,15 @@ impl VmManager {
     fn boot_failure(&self, e: WaitError, timeout: Duration, waiting_for: &str) -> RuntimeError {
         let console_tail = tail_of(&self.inner.box_paths.console_log(), CONSOLE_TAIL_LINES);
         match e {
-            WaitError::Timeout => RuntimeError::BootTimeout { timeout, waiting_for: waiting_for.to_string(), console_tail },
-            WaitError::Exited(status) => RuntimeError::VmmExitedDuringBoot { status, console_tail },
+            WaitError::Timeout => RuntimeError::BootTimeout {
+                timeout,
+                waiting_for: waiting_for.to_string(),
+                console_tail,
+            },
+            WaitError::Exited(status) => RuntimeError::VmmExitedDuringBoot {
+                status,
+                console_tail,
+            },
             WaitError::Agent(msg) => RuntimeError::AgentUnhealthy(msg),
         }
     }
@@ -450,20 +533,27 @@ impl VmManager {
                     break;
                 }
             }
-            let status = rx.borrow().clone().map(|i| i.to_string()).unwrap_or_else(|| "unknown status".into());
+            let status = rx
+                .borrow()
+                .clone()
+                .map(|i| i.to_string())
+                .unwrap_or_else(|| "unknown status".into());
             let Some(inner) = weak.upgrade() else { return };
             if inner.stopping.load(Ordering::SeqCst) {
                 return;
             }
             let console = tail_of(&inner.box_paths.console_log(), 3);
-            let reason = format!("the VMM exited unexpectedly ({status}); last console lines: {console}");
+            let reason =
+                format!("the VMM exited unexpectedly ({status}); last console lines: {console}");
             tracing::warn!(box_id = %inner.id, %reason, "box died");
             let running = lock(&inner.running).take();
             if let Some(r) = running {
                 r.vm.terminate(Duration::ZERO).await;
                 drop(r.bridge);
             }
-            inner.emit(BoxEvent::Error { message: reason.clone() });
+            inner.emit(BoxEvent::Error {
+                message: reason.clone(),
+            });
             let _ = inner.set_state(BoxState::Stopped, Some(reason));
         });
     }
@@ -472,7 +562,10 @@ impl VmManager {
         lock(&self.inner.running)
             .as_ref()
             .map(|r| r.agent.clone())
-            .ok_or(RuntimeError::InvalidState { op: "talk to the agent of", state: self.state() })
+            .ok_or(RuntimeError::InvalidState {
+                op: "talk to the agent of",
+                state: self.state(),
+            })
     }
 
     /// Asks the agent whether it is SERVING.
@@ -492,13 +585,26 @@ impl VmManager {
             env.push(kv.clone());
         }
         if !env.iter().any(|e| e.starts_with("PATH=")) {
-            env.insert(0, "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+            env.insert(
+                0,
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            );
         }
         ResolvedExec {
             argv: req.argv.clone(),
             env,
-            cwd: req.working_dir.clone().or_else(|| c.working_dir.clone()).or(img.working_dir).unwrap_or_default(),
-            user: req.user.clone().or_else(|| c.user.clone()).or(img.user).unwrap_or_default(),
+            cwd: req
+                .working_dir
+                .clone()
+                .or_else(|| c.working_dir.clone())
+                .or(img.working_dir)
+                .unwrap_or_default(),
+            user: req
+                .user
+                .clone()
+                .or_else(|| c.user.clone())
+                .or(img.user)
+                .unwrap_or_default(),
             stdin: req.stdin.clone(),
         }
     }
@@ -515,7 +621,10 @@ impl VmManager {
         let resolved = self.resolve_exec(&req);
         let _busy = self.begin_exec()?;
         let exec_id = self.inner.next_exec_id.fetch_add(1, Ordering::Relaxed);
-        self.inner.emit(BoxEvent::ExecStarted { exec_id, argv: req.argv.clone() });
+        self.inner.emit(BoxEvent::ExecStarted {
+            exec_id,
+            argv: req.argv.clone(),
+        });
         let start = Instant::now();
         let res = agent.exec(&resolved).await;
         let duration = start.elapsed();
@@ -523,7 +632,12 @@ impl VmManager {
             Ok(r) => (r.exit_code, r.signal),
             Err(_) => (None, None),
         };
-        self.inner.emit(BoxEvent::ExecFinished { exec_id, exit_code, signal, duration_ms: duration.as_millis() as u64 });
+        self.inner.emit(BoxEvent::ExecFinished {
+            exec_id,
+            exit_code,
+            signal,
+            duration_ms: duration.as_millis() as u64,
+        });
         let mut r = res.map_err(RuntimeError::Agent)?;
         r.duration = duration;
         Ok(r)
@@ -537,12 +651,23 @@ impl VmManager {
                 cell.state = BoxState::Ready.transition(BoxState::Busy)?;
                 cell.running_execs = 1;
                 drop(cell);
-                self.inner.emit(BoxEvent::StateChanged { from: BoxState::Ready, to: BoxState::Busy, reason: None });
+                self.inner.emit(BoxEvent::StateChanged {
+                    from: BoxState::Ready,
+                    to: BoxState::Busy,
+                    reason: None,
+                });
             }
             BoxState::Busy => cell.running_execs += 1,
-            s => return Err(RuntimeError::InvalidState { op: "exec in", state: s }),
+            s => {
+                return Err(RuntimeError::InvalidState {
+                    op: "exec in",
+                    state: s,
+                })
+            }
         }
-        Ok(ExecGuard { inner: self.inner.clone() })
+        Ok(ExecGuard {
+            inner: self.inner.clone(),
+        })
     }
 
     /// Drops guest caches and returns free guest memory to the host (Ready -> Compacting -> Ready).
@@ -550,38 +675,62 @@ impl VmManager {
         {
             let mut cell = lock(&self.inner.cell);
             if cell.state != BoxState::Ready {
-                return Err(RuntimeError::InvalidState { op: "compact", state: cell.state });
+                return Err(RuntimeError::InvalidState {
+                    op: "compact",
+                    state: cell.state,
+                });
             }
             cell.state = BoxState::Compacting;
         }
-        self.inner.emit(BoxEvent::StateChanged { from: BoxState::Ready, to: BoxState::Compacting, reason: None });
+        self.inner.emit(BoxEvent::StateChanged {
+            from: BoxState::Ready,
+            to: BoxState::Compacting,
+            reason: None,
+        });
         let res = self.compact_inner().await;
         let _ = self.inner.set_state(BoxState::Ready, None);
         let rep = res?;
-        self.inner.emit(BoxEvent::Compacted { rss_before_bytes: rep.rss_before_bytes, rss_after_bytes: rep.rss_after_bytes });
+        self.inner.emit(BoxEvent::Compacted {
+            rss_before_bytes: rep.rss_before_bytes,
+            rss_after_bytes: rep.rss_after_bytes,
+        });
         Ok(rep)
     }
 
     async fn compact_inner(&self) -> Result<CompactReport> {
         let (vm, agent) = {
             let g = lock(&self.inner.running);
-            let r = g.as_ref().ok_or(RuntimeError::InvalidState { op: "compact", state: BoxState::Stopped })?;
+            let r = g.as_ref().ok_or(RuntimeError::InvalidState {
+                op: "compact",
+                state: BoxState::Stopped,
+            })?;
             (r.vm.clone(), r.agent.clone())
         };
         let before = vm.rss_bytes();
         let drop_caches = ResolvedExec {
-            argv: vec!["/bin/sh".into(), "-c".into(), "sync; echo 3 > /proc/sys/vm/drop_caches; echo 1 > /proc/sys/vm/compact_memory".into()],
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "sync; echo 3 > /proc/sys/vm/drop_caches; echo 1 > /proc/sys/vm/compact_memory"
+                    .into(),
+            ],
             env: vec!["PATH=/usr/sbin:/usr/bin:/sbin:/bin".into()],
             ..Default::default()
         };
         match agent.exec(&drop_caches).await {
             Ok(r) if r.exit_code == Some(0) => {}
-            Ok(r) => tracing::warn!(stderr = %String::from_utf8_lossy(&r.stderr), "drop_caches in the guest failed"),
+            Ok(r) => {
+                tracing::warn!(stderr = %String::from_utf8_lossy(&r.stderr), "drop_caches in the guest failed")
+            }
             Err(e) => tracing::warn!(error = %e, "drop_caches in the guest failed"),
         }
         let method = vm.reclaim_memory().await?;
         let after = vm.rss_bytes();
-        Ok(CompactReport { rss_before_bytes: before, rss_after_bytes: after, method })
+        Ok(CompactReport {
+            rss_before_bytes: before,
+            rss_after_bytes: after,
+            method,
+        })
     }
 
     /// Stops the box: agent Shutdown (clean unmount + power off), then ACPI power-down, then
@@ -591,7 +740,8 @@ impl VmManager {
         let running = lock(&self.inner.running).take();
         let Some(r) = running else {
             if self.state() != BoxState::Stopped {
-                self.inner.set_state(BoxState::Stopped, Some("stopped before it ran".into()))?;
+                self.inner
+                    .set_state(BoxState::Stopped, Some("stopped before it ran".into()))?;
             }
             return Ok(());
         };
@@ -601,7 +751,9 @@ impl VmManager {
         let exited = |rx: &WatchRx| rx.borrow().is_some();
         let half = timeout / 2;
         if tokio::time::timeout(half, r.agent.shutdown()).await.is_ok() {
-            let _ = tokio::time::timeout_at(tokio::time::Instant::now() + half, wait_exit(&mut exit)).await;
+            let _ =
+                tokio::time::timeout_at(tokio::time::Instant::now() + half, wait_exit(&mut exit))
+                    .await;
         }
         if !exited(&exit) {
             let _ = r.vm.powerdown().await;
@@ -609,7 +761,8 @@ impl VmManager {
         }
         drop(r.bridge);
         r.vm.terminate(Duration::from_secs(1)).await;
-        self.inner.set_state(BoxState::Stopped, Some("stopped on request".into()))?;
+        self.inner
+            .set_state(BoxState::Stopped, Some("stopped on request".into()))?;
         Ok(())
     }
 
@@ -623,7 +776,8 @@ impl VmManager {
         }
         kill_stale_pidfiles(&self.inner.box_paths.dir);
         if self.state() != BoxState::Stopped {
-            self.inner.set_state(BoxState::Stopped, Some("destroyed".into()))?;
+            self.inner
+                .set_state(BoxState::Stopped, Some("destroyed".into()))?;
         }
         match std::fs::remove_dir_all(&self.inner.box_paths.dir) {
             Ok(()) => Ok(()),
@@ -653,9 +807,11 @@ impl VmManager {
         lock(&self.inner.running)
             .as_ref()
             .map(|r| r.vm.clone())
-            .ok_or(RuntimeError::InvalidState { op: "control the VM of", state: self.state() })
+            .ok_or(RuntimeError::InvalidState {
+                op: "control the VM of",
+                state: self.state(),
+            })
     }
-
 }
 
 type WatchRx = tokio::sync::watch::Receiver<Option<crate::process::ExitInfo>>;
@@ -683,7 +839,11 @@ impl Drop for ExecGuard {
         if cell.running_execs == 0 && cell.state == BoxState::Busy {
             cell.state = BoxState::Ready;
             drop(cell);
-            self.inner.emit(BoxEvent::StateChanged { from: BoxState::Busy, to: BoxState::Ready, reason: None });
+            self.inner.emit(BoxEvent::StateChanged {
+                from: BoxState::Busy,
+                to: BoxState::Ready,
+                reason: None,
+            });
         }
     }
 }
@@ -732,13 +892,19 @@ pub(crate) enum WaitError {
 }
 
 /// Polls the agent endpoint until the guest accepts a connection on the agent port.
-async fn wait_port(endpoint: &AgentEndpoint, exit: &WatchRx, deadline: Instant) -> Result<(), WaitError> {
+async fn wait_port(
+    endpoint: &AgentEndpoint,
+    exit: &WatchRx,
+    deadline: Instant,
+) -> Result<(), WaitError> {
     loop {
         if let Some(info) = exit.borrow().clone() {
             return Err(WaitError::Exited(info.to_string()));
         }
         let ok = match endpoint {
-            AgentEndpoint::HybridVsock { uds, port } => crate::vsock::connect_hybrid(uds, *port).await.is_ok(),
+            AgentEndpoint::HybridVsock { uds, port } => {
+                crate::vsock::connect_hybrid(uds, *port).await.is_ok()
+            }
             AgentEndpoint::Unix(p) => tokio::net::UnixStream::connect(p).await.is_ok(),
         };
         if ok {

@@ -15,11 +15,21 @@ use microbox_runtime::paths::{BoxPaths, Paths};
 fn busybox_initrd(k: &kernel::Kernel, out: &Path) {
     let mods = modules::resolve(&k.modules_dir, &["virtio_mmio", "virtiofs"]).unwrap();
     let mut w = CpioWriter::new(Vec::new());
-    w.file("bin/busybox", 0o755, &std::fs::read("/bin/busybox").expect("busybox-static installed")).unwrap();
+    w.file(
+        "bin/busybox",
+        0o755,
+        &std::fs::read("/bin/busybox").expect("busybox-static installed"),
+    )
+    .unwrap();
     let mut script = String::from("#!/bin/busybox sh\n/bin/busybox mkdir -p /proc /mnt\n/bin/busybox mount -t proc proc /proc\n");
     for m in &mods {
         let gp = format!("lib/{}", m.rel_path.replace('/', "_"));
-        w.file(&gp, 0o644, &std::fs::read(modules::host_path(&k.modules_dir, m)).unwrap()).unwrap();
+        w.file(
+            &gp,
+            0o644,
+            &std::fs::read(modules::host_path(&k.modules_dir, m)).unwrap(),
+        )
+        .unwrap();
         script.push_str(&format!("/bin/busybox insmod /{gp}\n"));
     }
     script.push_str("/bin/busybox mount -t virtiofs rootfs /mnt\n/bin/busybox echo \"MARKER:$(/bin/busybox cat /mnt/marker)\"\n");
@@ -47,7 +57,11 @@ async fn microvm_boots_mounts_virtiofs_and_cleans_up() {
         vcpus: 1,
         memory_mib: 256,
         accel: accel.accel,
-        shares: vec![Share { tag: "rootfs".into(), host_dir: share.clone(), read_only: true }],
+        shares: vec![Share {
+            tag: "rootfs".into(),
+            host_dir: share.clone(),
+            read_only: true,
+        }],
         net: None,
         agent_port: 4088,
     };
@@ -69,10 +83,18 @@ async fn microvm_boots_mounts_virtiofs_and_cleans_up() {
     .await
     .expect("guest powered off");
     let console = std::fs::read_to_string(bp.console_log()).unwrap();
-    assert!(console.contains("MARKER:from-the-host-42"), "console:\n{console}");
+    assert!(
+        console.contains("MARKER:from-the-host-42"),
+        "console:\n{console}"
+    );
     vm.terminate(Duration::from_secs(1)).await;
     for p in &procs {
-        assert!(!Path::new(&format!("/proc/{}", p.pid)).exists(), "{} ({}) still exists", p.name, p.pid);
+        assert!(
+            !Path::new(&format!("/proc/{}", p.pid)).exists(),
+            "{} ({}) still exists",
+            p.name,
+            p.pid
+        );
         assert!(!bp.pidfile(&p.name).exists());
     }
     assert!(!bp.vsock_uds().exists());

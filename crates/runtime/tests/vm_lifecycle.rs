@@ -31,10 +31,25 @@ async fn boot_health_exec_stop_leaves_nothing() {
     assert_eq!(out.stdout_str().trim(), kernel.version);
 
     // The image's rootfs is visible and writes land in the box's own layer.
-    let w = vm.exec(ExecRequest::new(["sh", "-c", "echo hi > /newfile && cat /newfile && ls /bin/busybox"])).await.unwrap();
-    assert_eq!(w.stdout_str(), "hi\n/bin/busybox\n", "stderr: {}", w.stderr_str());
+    let w = vm
+        .exec(ExecRequest::new([
+            "sh",
+            "-c",
+            "echo hi > /newfile && cat /newfile && ls /bin/busybox",
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(
+        w.stdout_str(),
+        "hi\n/bin/busybox\n",
+        "stderr: {}",
+        w.stderr_str()
+    );
 
-    let fail = vm.exec(ExecRequest::new(["sh", "-c", "exit 7"])).await.unwrap();
+    let fail = vm
+        .exec(ExecRequest::new(["sh", "-c", "exit 7"]))
+        .await
+        .unwrap();
     assert_eq!(fail.exit_code, Some(7));
 
     vm.stop(Duration::from_secs(20)).await.unwrap();
@@ -65,7 +80,13 @@ async fn boot_health_exec_stop_leaves_nothing() {
     assert!(states.contains(&(BoxState::Ready, BoxState::Busy)));
     assert!(states.contains(&(BoxState::Busy, BoxState::Ready)));
     assert_eq!(states.last(), Some(&(BoxState::Ready, BoxState::Stopped)));
-    assert_eq!(events.iter().filter(|e| matches!(e.event, BoxEvent::ExecFinished { .. })).count(), 3);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e.event, BoxEvent::ExecFinished { .. }))
+            .count(),
+        3
+    );
 
     vm.destroy().await.unwrap();
     assert!(!box_dir.exists());
@@ -80,10 +101,19 @@ async fn missing_kernel_fails_before_any_process_starts() {
     cfg.network = microbox_core::NetworkMode::None;
     let vm = VmManager::with_root(cfg, emitter, tmp.path());
     let err = vm.boot().await.unwrap_err();
-    assert!(matches!(err, RuntimeError::Assets(microbox_runtime::assets::AssetError::NoKernel(_))), "{err}");
+    assert!(
+        matches!(
+            err,
+            RuntimeError::Assets(microbox_runtime::assets::AssetError::NoKernel(_))
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("no-such-vmlinuz"), "{err}");
     assert!(vm.processes().is_empty());
-    assert!(!vm.box_dir().exists(), "no box directory (and so no helper) was created");
+    assert!(
+        !vm.box_dir().exists(),
+        "no box directory (and so no helper) was created"
+    );
     assert!(processes_mentioning(&tmp.path().to_string_lossy()).is_empty());
     assert_eq!(vm.state(), BoxState::Created);
     vm.destroy().await.unwrap();

@@ -1,0 +1,95 @@
+//! Failure handling with real VMs: the VMM killed from outside, a boot that times out.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use microbox_core::{BoxEvent, BoxState, Delivered, EventEmitter};
+use microbox_runtime::{ExecRequest, RuntimeError};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_killed_from_outside_stops_the_box_and_its_helpers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let emitter = EventEmitter::default();
+    let vm = busybox_box(tmp.path(), &emitter);
+    vm.boot().await.unwrap();
+    let mut sub = emitter.subscribe();
+    let procs = vm.processes();
+    let qemu = procs.iter().find(|p| p.name == "qemu").unwrap().pid;
+    // SAFETY: plain kill(2) of the test's own QEMU child.
+    unsafe {
+        libc::kill(qemu as i32, libc::SIGKILL);
+    }
+    let (mut saw_error, mut stopped_reason) = (false, None);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(d) = sub.recv().await {
+            if let Delivered::Event(e) = d {
+                match e.event {
+                    BoxEvent::Error { .. } => saw_error = true,
+                    BoxEvent::StateChanged {
+                        to: BoxState::Stopped,
+                        reason,
+                        ..
+                    } => {
+                        stopped_reason = reason;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    })
+    .await
+    .expect("the box noticed QEMU's death");
+    assert!(saw_error);
+    let reason = stopped_reason.expect("a reason");
+    assert!(
+        reason.contains("exited unexpectedly") && reason.contains("signal 9"),
+        "{reason}"
+    );
+    assert_eq!(vm.state(), BoxState::Stopped);
+    assert_eq!(vm.stop_reason().as_deref(), Some(reason.as_str()));
+    for p in &procs {
+        assert!(gone(p.pid), "{} ({}) survived", p.name, p.pid);
+    }
+    let err = vm.exec(ExecRequest::new(["true"])).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RuntimeError::InvalidState {
+                state: BoxState::Stopped,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    vm.destroy().await.unwrap();
+    assert!(!vm.box_dir().exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_timeout_reports_console_and_leaves_no_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let emitter = EventEmitter::default();
+    let mut cfg = busybox_box(tmp.path(), &emitter).config().clone();
+    cfg.boot_timeout = Duration::from_secs(25);
+    let vm = microbox_runtime::VmManager::with_root(cfg, emitter.clone(), tmp.path());
+    // No init: the kernel panics and, with panic=0, waits forever; the boot must time out.
+    vm.set_kernel_args("rdinit=/nonexistent panic=0");
+    let err = vm.boot().await.unwrap_err();
+    match &err {
+        RuntimeError::BootTimeout { console_tail, .. } => {
+            assert!(
+                console_tail.contains("Kernel panic"),
+                "the error quotes the console: {console_tail}"
+            );
+        }
+        other => panic!("expected a boot timeout, got {other}"),
+    }
+    assert!(vm.processes().is_empty());
+    assert!(processes_mentioning(&tmp.path().to_string_lossy()).is_empty());
+    assert_eq!(vm.state(), BoxState::Created);
+    vm.destroy().await.unwrap();
+    assert!(!vm.box_dir().exists());
+}
