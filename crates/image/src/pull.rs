@@ -164,8 +164,13 @@ impl ImageStore {
         // Config.
         let cdesc = manifest.config.clone();
         if !self.has_blob(&cdesc.digest, cdesc.size) {
-            let cbytes = self.fetch_small_blob(&ctx, &cdesc, "image config").await?;
-            self.put_blob("image config", &cdesc.digest, cdesc.size, &cbytes)?;
+            let _lock = self
+                .lock_async(format!("blob-{}", &cdesc.digest[7..]), true)
+                .await?;
+            if !self.has_blob(&cdesc.digest, cdesc.size) {
+                let cbytes = self.fetch_small_blob(&ctx, &cdesc, "image config").await?;
+                self.put_blob("image config", &cdesc.digest, cdesc.size, &cbytes)?;
+            }
         }
         let config = docs::parse_config(
             &self.read_blob(&cdesc.digest)?,
@@ -454,11 +459,18 @@ impl Download {
 
     async fn run(&mut self, ctx: &Ctx<'_>) -> Result<()> {
         let l = self.layer.clone();
-        let resp = ctx
-            .client
-            .pull_blob_stream_partial(&ctx.oci_ref, l.digest.as_str(), self.written, None)
-            .await
-            .map_err(|e| registry_err(&ctx.reference, e))?;
+        // Resume with Range after a partial transfer; a plain GET otherwise.
+        let resp = if self.written == 0 {
+            ctx.client
+                .pull_blob_stream(&ctx.oci_ref, l.digest.as_str())
+                .await
+                .map(BlobResponse::Full)
+        } else {
+            ctx.client
+                .pull_blob_stream_partial(&ctx.oci_ref, l.digest.as_str(), self.written, None)
+                .await
+        }
+        .map_err(|e| registry_err(&ctx.reference, e))?;
         let mut stream = match resp {
             BlobResponse::Partial(s) if self.written > 0 => s,
             BlobResponse::Partial(s) | BlobResponse::Full(s) => {

@@ -226,6 +226,12 @@ pub fn image(name: &str) -> String {
 /// Pushes `oci:LAYOUT:TAG` to the test registry as `repo_and_tag` (e.g. `x/y:latest`) and
 /// returns the full reference.
 pub fn push_layout(layout: &Path, tag: &str, repo_and_tag: &str) -> String {
+    push_layout_with(layout, tag, repo_and_tag, &[])
+}
+
+/// [`push_layout`] with extra `skopeo copy` flags, e.g. `--format v2s2` (Docker schema 2),
+/// `--dest-compress-format zstd`, `--dest-decompress`.
+pub fn push_layout_with(layout: &Path, tag: &str, repo_and_tag: &str, extra: &[&str]) -> String {
     require_tool("skopeo", "apt-get install skopeo");
     let reg = registry();
     let reference = format!("{}/{repo_and_tag}", reg.addr);
@@ -236,6 +242,7 @@ pub fn push_layout(layout: &Path, tag: &str, repo_and_tag: &str) -> String {
             "--insecure-policy",
             "--dest-tls-verify=false",
         ])
+        .args(extra)
         .arg(format!("oci:{}:{tag}", layout.display()))
         .arg(format!("docker://{reference}")));
     reference

@@ -144,12 +144,16 @@ pub enum ProxyMode {
     Corrupt(String),
     /// Send blob bodies slowly (16 KiB every `ms` milliseconds).
     Slow(u64),
+    /// Cut the first full (200) response of each matching blob after half its body.
+    CutOnce(String),
 }
 
 pub struct Proxy {
     pub addr: String,
     /// GET request counts by path.
     pub gets: Arc<Mutex<HashMap<String, usize>>>,
+    /// `Range` headers seen, with their paths.
+    pub ranges: Arc<Mutex<Vec<(String, String)>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -167,18 +171,25 @@ impl Proxy {
         let gets: Arc<Mutex<HashMap<String, usize>>> = Default::default();
         let upstream = upstream.to_string();
         let g = gets.clone();
+        let ranges: Arc<Mutex<Vec<(String, String)>>> = Default::default();
+        let rg = ranges.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((sock, _)) = listener.accept().await else {
                     return;
                 };
-                let (up, mode, g) = (upstream.clone(), mode.clone(), g.clone());
+                let (up, mode, g, rg) = (upstream.clone(), mode.clone(), g.clone(), rg.clone());
                 tokio::spawn(async move {
-                    let _ = serve(sock, &up, &mode, &g).await;
+                    let _ = serve(sock, &up, &mode, &g, &rg).await;
                 });
             }
         });
-        Proxy { addr, gets, task }
+        Proxy {
+            addr,
+            gets,
+            ranges,
+            task,
+        }
     }
 
     /// GET counts of blob paths.
@@ -198,6 +209,7 @@ async fn serve(
     upstream: &str,
     mode: &ProxyMode,
     gets: &Mutex<HashMap<String, usize>>,
+    ranges: &Mutex<Vec<(String, String)>>,
 ) -> std::io::Result<()> {
     let mut head = Vec::new();
     let mut b = [0u8; 1];
@@ -219,6 +231,12 @@ async fn serve(
     let mut fwd = format!("{request_line}\r\n");
     for l in lines {
         let lower = l.to_ascii_lowercase();
+        if lower.starts_with("range:") {
+            ranges
+                .lock()
+                .unwrap()
+                .push((path.clone(), l[6..].trim().to_string()));
+        }
         if l.is_empty() || lower.starts_with("connection:") || lower.starts_with("host:") {
             continue;
         }
@@ -242,6 +260,16 @@ async fn serve(
             let last = resp.len() - 1;
             resp[last] ^= 0xff;
             sock.write_all(&resp).await?;
+        }
+        (ProxyMode::CutOnce(pat), Some(at))
+            if is_blob
+                && path.contains(pat.as_str())
+                && resp.starts_with(b"HTTP/1.1 200")
+                && gets.lock().unwrap()[&path] == 1 =>
+        {
+            let half = at + (resp.len() - at) / 2;
+            sock.write_all(&resp[..half]).await?;
+            return Ok(()); // drop the connection mid-body
         }
         (ProxyMode::Slow(ms), Some(at)) if is_blob => {
             sock.write_all(&resp[..at]).await?;
