@@ -53,7 +53,9 @@ impl HostVirt {
     /// Whether KVM can run a standard kernel here.
     pub fn kvm_usable(&self) -> Result<(), String> {
         if !self.cpu_flags_virt {
-            return Err("the CPU flags in /proc/cpuinfo show no hardware virtualization (vmx/svm)".into());
+            return Err(
+                "the CPU flags in /proc/cpuinfo show no hardware virtualization (vmx/svm)".into(),
+            );
         }
         self.kvm_opens
             .as_ref()
@@ -71,25 +73,42 @@ fn cpu_has_virt_flags(cpuinfo: &str) -> bool {
 }
 
 /// A user request: config value (`Some(Kvm|Tcg)`, `None` for auto) and the environment variable.
-pub fn decide(requested: Option<Accel>, env: Option<&str>, host: &HostVirt) -> Result<AccelDecision, String> {
+pub fn decide(
+    requested: Option<Accel>,
+    env: Option<&str>,
+    host: &HostVirt,
+) -> Result<AccelDecision, String> {
     let env_choice = match env.map(str::trim).filter(|s| !s.is_empty()) {
         None | Some("auto") => None,
         Some("kvm") => Some(Accel::Kvm),
         Some("tcg") => Some(Accel::Tcg),
-        Some(other) => return Err(format!("MICROBOX_ACCEL={other:?}: expected kvm, tcg or auto")),
+        Some(other) => {
+            return Err(format!(
+                "MICROBOX_ACCEL={other:?}: expected kvm, tcg or auto"
+            ))
+        }
     };
     if let Some(a) = env_choice {
-        return Ok(AccelDecision { accel: a, reason: format!("forced by MICROBOX_ACCEL={a}") });
+        return Ok(AccelDecision {
+            accel: a,
+            reason: format!("forced by MICROBOX_ACCEL={a}"),
+        });
     }
     if let Some(a) = requested {
-        return Ok(AccelDecision { accel: a, reason: format!("requested by the box configuration ({a})") });
+        return Ok(AccelDecision {
+            accel: a,
+            reason: format!("requested by the box configuration ({a})"),
+        });
     }
     Ok(match host.kvm_usable() {
         Ok(()) => AccelDecision {
             accel: Accel::Kvm,
             reason: "hardware virtualization in the CPU flags and /dev/kvm opens".into(),
         },
-        Err(why) => AccelDecision { accel: Accel::Tcg, reason: format!("software emulation: {why}") },
+        Err(why) => AccelDecision {
+            accel: Accel::Tcg,
+            reason: format!("software emulation: {why}"),
+        },
     })
 }
 
@@ -120,7 +139,10 @@ mod tests {
     use super::*;
 
     fn host(flags: bool, opens: bool) -> HostVirt {
-        HostVirt { cpu_flags_virt: flags, kvm_opens: if opens { Ok(()) } else { Err("ENOENT".into()) } }
+        HostVirt {
+            cpu_flags_virt: flags,
+            kvm_opens: if opens { Ok(()) } else { Err("ENOENT".into()) },
+        }
     }
 
     #[test]
@@ -132,7 +154,10 @@ mod tests {
 
     #[test]
     fn kvm_needs_flags_and_device() {
-        assert_eq!(decide(None, None, &host(true, true)).unwrap().accel, Accel::Kvm);
+        assert_eq!(
+            decide(None, None, &host(true, true)).unwrap().accel,
+            Accel::Kvm
+        );
         let d = decide(None, None, &host(true, false)).unwrap();
         assert_eq!(d.accel, Accel::Tcg);
         assert!(d.reason.contains("/dev/kvm"));
@@ -142,8 +167,15 @@ mod tests {
     fn env_overrides_everything() {
         let d = decide(Some(Accel::Tcg), Some("kvm"), &host(false, false)).unwrap();
         assert_eq!(d.accel, Accel::Kvm);
-        assert!(decide(None, Some("xen"), &host(true, true)).unwrap_err().contains("xen"));
-        assert_eq!(decide(Some(Accel::Tcg), None, &host(true, true)).unwrap().accel, Accel::Tcg);
+        assert!(decide(None, Some("xen"), &host(true, true))
+            .unwrap_err()
+            .contains("xen"));
+        assert_eq!(
+            decide(Some(Accel::Tcg), None, &host(true, true))
+                .unwrap()
+                .accel,
+            Accel::Tcg
+        );
     }
 
     #[test]

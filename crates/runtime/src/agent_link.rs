@@ -19,10 +19,12 @@ pub struct AgentLink {
 
 async fn connect(endpoint: &AgentEndpoint) -> Result<AgentClient, String> {
     match endpoint {
-        AgentEndpoint::HybridVsock { uds, port } => {
-            AgentClient::connect_hybrid_vsock(uds, *port).await.map_err(|e| e.to_string())
-        }
-        AgentEndpoint::Unix(p) => AgentClient::connect_unix(p).await.map_err(|e| e.to_string()),
+        AgentEndpoint::HybridVsock { uds, port } => AgentClient::connect_hybrid_vsock(uds, *port)
+            .await
+            .map_err(|e| e.to_string()),
+        AgentEndpoint::Unix(p) => AgentClient::connect_unix(p)
+            .await
+            .map_err(|e| e.to_string()),
     }
 }
 
@@ -40,14 +42,20 @@ impl AgentLink {
             }
             match connect(endpoint).await {
                 Ok(c) => match c.health().await {
-                    Ok(true) => return Ok(AgentLink { client: Arc::new(c) }),
+                    Ok(true) => {
+                        return Ok(AgentLink {
+                            client: Arc::new(c),
+                        })
+                    }
                     Ok(false) => last = "health check answered NOT_SERVING".into(),
                     Err(e) => last = format!("health check failed: {e}"),
                 },
                 Err(e) => last = format!("connect failed: {e}"),
             }
             if Instant::now() >= deadline {
-                return Err(WaitError::Agent(format!("not SERVING before the boot deadline: {last}")));
+                return Err(WaitError::Agent(format!(
+                    "not SERVING before the boot deadline: {last}"
+                )));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -67,7 +75,11 @@ impl AgentLink {
             ..Default::default()
         };
         let out = match &r.stdin {
-            Some(input) => self.client.exec_output_with_stdin(spec, input.clone()).await,
+            Some(input) => {
+                self.client
+                    .exec_output_with_stdin(spec, input.clone())
+                    .await
+            }
             None => self.client.exec_output(spec).await,
         }
         .map_err(|e| e.to_string())?;
@@ -102,8 +114,13 @@ impl Bridge {
             return Err("the agent endpoint is already a plain Unix socket".into());
         };
         let _ = std::fs::remove_file(listen);
-        let h = serve_bridge(listen, uds, *port).await.map_err(|e| e.to_string())?;
-        Ok(Bridge { _handle: h, path: listen.to_path_buf() })
+        let h = serve_bridge(listen, uds, *port)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Bridge {
+            _handle: h,
+            path: listen.to_path_buf(),
+        })
     }
 }
 

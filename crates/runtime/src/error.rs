@@ -22,9 +22,16 @@ pub enum RuntimeError {
     #[error("image {reference}: {message}")]
     Image { reference: String, message: String },
     #[error("boot timed out after {timeout:?} waiting for {waiting_for}; last console lines:\n{console_tail}")]
-    BootTimeout { timeout: Duration, waiting_for: String, console_tail: String },
+    BootTimeout {
+        timeout: Duration,
+        waiting_for: String,
+        console_tail: String,
+    },
     #[error("the VM exited during boot ({status}); last console lines:\n{console_tail}")]
-    VmmExitedDuringBoot { status: String, console_tail: String },
+    VmmExitedDuringBoot {
+        status: String,
+        console_tail: String,
+    },
     #[error("agent unhealthy: {0}")]
     AgentUnhealthy(String),
     #[error("agent: {0}")]
@@ -34,12 +41,18 @@ pub enum RuntimeError {
     #[error(transparent)]
     Transition(#[from] TransitionError),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl RuntimeError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        RuntimeError::Io { path: path.into(), source }
+        RuntimeError::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 

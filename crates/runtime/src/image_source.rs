@@ -28,7 +28,10 @@ enum Source {
 }
 
 fn image_err(reference: &str, message: impl std::fmt::Display) -> RuntimeError {
-    RuntimeError::Image { reference: reference.to_string(), message: message.to_string() }
+    RuntimeError::Image {
+        reference: reference.to_string(),
+        message: message.to_string(),
+    }
 }
 
 /// Resolves (and pulls if needed) `reference`.
@@ -36,13 +39,25 @@ pub async fn ensure(reference: &str, paths: &Paths) -> Result<ImageInfo> {
     if reference.starts_with('/') {
         let dir = PathBuf::from(reference);
         if !dir.is_dir() {
-            return Err(image_err(reference, "a local root filesystem must be an existing directory"));
+            return Err(image_err(
+                reference,
+                "a local root filesystem must be an existing directory",
+            ));
         }
-        return Ok(ImageInfo { reference: reference.to_string(), source: Source::Dir(dir), ..Default::default() });
+        return Ok(ImageInfo {
+            reference: reference.to_string(),
+            source: Source::Dir(dir),
+            ..Default::default()
+        });
     }
-    let store = microbox_image::ImageStore::open(paths.root()).map_err(|e| image_err(reference, e))?;
+    let store =
+        microbox_image::ImageStore::open(paths.root()).map_err(|e| image_err(reference, e))?;
     let h = store
-        .ensure(reference, &microbox_image::PullOptions::default(), &microbox_image::NoProgress)
+        .ensure(
+            reference,
+            &microbox_image::PullOptions::default(),
+            &microbox_image::NoProgress,
+        )
         .await
         .map_err(|e| image_err(reference, e))?;
     let c = &h.config;

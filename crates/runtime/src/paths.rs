@@ -60,7 +60,10 @@ impl Paths {
     pub fn create_box_dir(&self, id: &str) -> io::Result<PathBuf> {
         fs::create_dir_all(self.boxes_dir())?;
         let dir = self.box_dir(id);
-        fs::DirBuilder::new().mode(0o700).recursive(true).create(&dir)?;
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(&dir)?;
         // `mode` is filtered by the umask and ignored for existing dirs: enforce it.
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
         Ok(dir)

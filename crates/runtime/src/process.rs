@@ -65,7 +65,14 @@ impl ManagedProcess {
         unsafe {
             let parent = libc::getpid();
             cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
                     return Err(io::Error::last_os_error());
                 }
                 // The parent may have died before prctl: then nobody would kill us.
@@ -76,8 +83,12 @@ impl ManagedProcess {
                 Ok(())
             });
         }
-        let mut child = tokio::process::Command::from(cmd).kill_on_drop(false).spawn()?;
-        let pid = child.id().ok_or_else(|| io::Error::other("child exited before its pid was read"))?;
+        let mut child = tokio::process::Command::from(cmd)
+            .kill_on_drop(false)
+            .spawn()?;
+        let pid = child
+            .id()
+            .ok_or_else(|| io::Error::other("child exited before its pid was read"))?;
         if let Some(p) = &pidfile {
             std::fs::write(p, format!("{pid}\n"))?;
         }
@@ -85,16 +96,27 @@ impl ManagedProcess {
         let pname = name.to_string();
         tokio::spawn(async move {
             let info = match child.wait().await {
-                Ok(st) => ExitInfo { code: st.code(), signal: st.signal() },
+                Ok(st) => ExitInfo {
+                    code: st.code(),
+                    signal: st.signal(),
+                },
                 Err(e) => {
                     tracing::warn!(process = %pname, error = %e, "waiting for helper failed");
-                    ExitInfo { code: None, signal: None }
+                    ExitInfo {
+                        code: None,
+                        signal: None,
+                    }
                 }
             };
             tracing::debug!(process = %pname, pid, status = %info, "helper exited");
             let _ = tx.send(Some(info));
         });
-        Ok(Self { name: name.to_string(), pid, exit: rx, pidfile })
+        Ok(Self {
+            name: name.to_string(),
+            pid,
+            exit: rx,
+            pidfile,
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -132,7 +154,10 @@ impl ManagedProcess {
                 return i;
             }
             if rx.changed().await.is_err() {
-                return rx.borrow().clone().unwrap_or(ExitInfo { code: None, signal: None });
+                return rx.borrow().clone().unwrap_or(ExitInfo {
+                    code: None,
+                    signal: None,
+                });
             }
         }
     }
@@ -173,21 +198,29 @@ impl ManagedProcess {
 /// crashed (its children got SIGKILL via PDEATHSIG, but a pidfile is cheap insurance).
 /// Only kills a pid whose command line mentions the box directory, so a reused pid is spared.
 pub fn kill_stale_pidfiles(box_dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(box_dir) else { return };
+    let Ok(entries) = std::fs::read_dir(box_dir) else {
+        return;
+    };
     let needle = box_dir.as_os_str().as_encoded_bytes().to_vec();
     for e in entries.flatten() {
         let p = e.path();
         if p.extension().and_then(|x| x.to_str()) != Some("pid") {
             continue;
         }
-        let Some(pid) = std::fs::read_to_string(&p).ok().and_then(|s| s.trim().parse::<i32>().ok()) else {
+        let Some(pid) = std::fs::read_to_string(&p)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        else {
             continue;
         };
         if pid <= 1 {
             continue;
         }
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if cmdline.windows(needle.len()).any(|w| w == needle.as_slice()) {
+        if cmdline
+            .windows(needle.len())
+            .any(|w| w == needle.as_slice())
+        {
             // SAFETY: kill(2) on a pid verified (via its cmdline) to belong to this box.
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
@@ -217,7 +250,15 @@ pub fn find_program(name: &str, env_var: &str) -> Option<PathBuf> {
     if let Some(home) = std::env::var_os("HOME") {
         dirs.push(PathBuf::from(home).join(".cargo/bin"));
     }
-    dirs.extend(["/usr/libexec", "/usr/lib/qemu", "/usr/local/bin", "/usr/bin"].map(PathBuf::from));
+    dirs.extend(
+        [
+            "/usr/libexec",
+            "/usr/lib/qemu",
+            "/usr/local/bin",
+            "/usr/bin",
+        ]
+        .map(PathBuf::from),
+    );
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
@@ -237,7 +278,10 @@ mod tests {
             Some(pidfile.clone()),
         )
         .unwrap();
-        assert_eq!(std::fs::read_to_string(&pidfile).unwrap().trim(), p.pid().to_string());
+        assert_eq!(
+            std::fs::read_to_string(&pidfile).unwrap().trim(),
+            p.pid().to_string()
+        );
         assert!(p.is_running());
         let info = p.stop(Duration::from_secs(5)).await;
         assert_eq!(info.signal, Some(libc::SIGTERM));
@@ -248,7 +292,13 @@ mod tests {
     #[tokio::test]
     async fn exit_code_is_reported() {
         let p = ManagedProcess::spawn("false", Path::new("/bin/false"), &[], None, None).unwrap();
-        assert_eq!(p.wait().await, ExitInfo { code: Some(1), signal: None });
+        assert_eq!(
+            p.wait().await,
+            ExitInfo {
+                code: Some(1),
+                signal: None
+            }
+        );
         assert_eq!(p.name(), "false");
     }
 }

@@ -28,18 +28,26 @@ pub async fn connect_hybrid(uds: &Path, port: u32) -> std::io::Result<UnixStream
             }
             line.push(b[0]);
             if line.len() > 64 {
-                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "overlong vsock handshake reply"));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "overlong vsock handshake reply",
+                ));
             }
         }
         Ok(())
     };
     tokio::time::timeout(Duration::from_secs(5), read)
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "vsock handshake timed out"))??;
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "vsock handshake timed out")
+        })??;
     if !line.starts_with(b"OK ") {
         return Err(std::io::Error::new(
             std::io::ErrorKind::ConnectionRefused,
-            format!("vsock handshake answered {:?}", String::from_utf8_lossy(&line)),
+            format!(
+                "vsock handshake answered {:?}",
+                String::from_utf8_lossy(&line)
+            ),
         ));
     }
     Ok(s)

@@ -19,7 +19,10 @@ pub fn find_agent() -> Result<PathBuf, AssetError> {
     if let Some(p) = std::env::var_os("MICROBOX_AGENT").filter(|v| !v.is_empty()) {
         let p = PathBuf::from(p);
         if !p.is_file() {
-            return Err(AssetError::AgentMissing(format!("MICROBOX_AGENT={} does not exist", p.display())));
+            return Err(AssetError::AgentMissing(format!(
+                "MICROBOX_AGENT={} does not exist",
+                p.display()
+            )));
         }
         check_static(&p)?;
         return Ok(p);
@@ -53,7 +56,10 @@ pub fn find_agent() -> Result<PathBuf, AssetError> {
 /// in the initramfs).
 pub fn check_static(path: &Path) -> Result<(), AssetError> {
     let data = std::fs::read(path).map_err(|e| AssetError::io(path, e))?;
-    check_static_bytes(&data).map_err(|reason| AssetError::AgentNotStatic { path: path.to_path_buf(), reason })
+    check_static_bytes(&data).map_err(|reason| AssetError::AgentNotStatic {
+        path: path.to_path_buf(),
+        reason,
+    })
 }
 
 pub(crate) fn check_static_bytes(d: &[u8]) -> Result<(), String> {
@@ -80,7 +86,10 @@ pub(crate) fn check_static_bytes(d: &[u8]) -> Result<(), String> {
             .ok_or("program header overflow")?;
         let p_type = d.get(off..off + 4).ok_or("truncated program headers")?;
         if u32::from_le_bytes(p_type.try_into().expect("4 bytes")) == 3 {
-            return Err("it has a PT_INTERP (dynamically linked); build with -C target-feature=+crt-static".into());
+            return Err(
+                "it has a PT_INTERP (dynamically linked); build with -C target-feature=+crt-static"
+                    .into(),
+            );
         }
     }
     Ok(())

@@ -17,7 +17,12 @@ pub struct CpioWriter<W: Write> {
 
 impl<W: Write> CpioWriter<W> {
     pub fn new(out: W) -> Self {
-        Self { out, ino: 1, dirs: BTreeSet::new(), written: 0 }
+        Self {
+            out,
+            ino: 1,
+            dirs: BTreeSet::new(),
+            written: 0,
+        }
     }
 
     /// Adds a directory (and its parents) with mode 0755.
@@ -58,9 +63,20 @@ impl<W: Write> CpioWriter<W> {
         self.entry_raw(name, mode, nlink, data, ino)
     }
 
-    fn entry_raw(&mut self, name: &str, mode: u32, nlink: u32, data: &[u8], ino: u32) -> io::Result<()> {
-        let size = u32::try_from(data.len())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{name}: file larger than 4 GiB")))?;
+    fn entry_raw(
+        &mut self,
+        name: &str,
+        mode: u32,
+        nlink: u32,
+        data: &[u8],
+        ino: u32,
+    ) -> io::Result<()> {
+        let size = u32::try_from(data.len()).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{name}: file larger than 4 GiB"),
+            )
+        })?;
         let namesize = name.len() as u32 + 1;
         let header = format!(
             "070701{ino:08x}{mode:08x}{:08x}{:08x}{nlink:08x}{:08x}{size:08x}{:08x}{:08x}{:08x}{:08x}{namesize:08x}{:08x}",
@@ -89,9 +105,15 @@ impl<W: Write> CpioWriter<W> {
 
 /// Archive names are relative ("etc/x"), without `.`/`..` components.
 fn normalize(path: &str) -> io::Result<String> {
-    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+    let parts: Vec<&str> = path
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
     if parts.is_empty() || parts.contains(&"..") {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("invalid initramfs path {path:?}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("invalid initramfs path {path:?}"),
+        ));
     }
     Ok(parts.join("/"))
 }
@@ -103,7 +125,8 @@ mod tests {
     #[test]
     fn cpio_tool_reads_our_archive() {
         let mut w = CpioWriter::new(Vec::new());
-        w.file("/etc/microbox/boot.json", 0o644, b"{\"a\":1}").unwrap();
+        w.file("/etc/microbox/boot.json", 0o644, b"{\"a\":1}")
+            .unwrap();
         w.file("init", 0o755, b"#!/bin/sh\n").unwrap();
         let bytes = w.finish().unwrap();
         assert_eq!(bytes.len() % 4, 0);
@@ -116,10 +139,19 @@ mod tests {
             .expect("cpio is installed");
         child.stdin.take().unwrap().write_all(&bytes).unwrap();
         assert!(child.wait().unwrap().success());
-        assert_eq!(std::fs::read(tmp.path().join("etc/microbox/boot.json")).unwrap(), b"{\"a\":1}");
-        assert_eq!(std::fs::read(tmp.path().join("init")).unwrap(), b"#!/bin/sh\n");
+        assert_eq!(
+            std::fs::read(tmp.path().join("etc/microbox/boot.json")).unwrap(),
+            b"{\"a\":1}"
+        );
+        assert_eq!(
+            std::fs::read(tmp.path().join("init")).unwrap(),
+            b"#!/bin/sh\n"
+        );
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(tmp.path().join("init")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(tmp.path().join("init"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o755);
     }
 

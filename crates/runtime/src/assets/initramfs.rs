@@ -33,7 +33,11 @@ fn guest_module_path(m: &ModuleFile) -> String {
 }
 
 /// Builds (or reuses) the static part for this kernel and agent.
-pub fn ensure_static(cache_dir: &Path, kernel: &Kernel, agent: &Path) -> Result<StaticInitramfs, AssetError> {
+pub fn ensure_static(
+    cache_dir: &Path,
+    kernel: &Kernel,
+    agent: &Path,
+) -> Result<StaticInitramfs, AssetError> {
     let mods = modules::resolve(&kernel.modules_dir, modules::GUEST_MODULES)?;
     let agent_bytes = std::fs::read(agent).map_err(|e| AssetError::io(agent, e))?;
     let mut contents = Vec::with_capacity(mods.len());
@@ -52,10 +56,16 @@ pub fn ensure_static(cache_dir: &Path, kernel: &Kernel, agent: &Path) -> Result<
     let guest_paths: Vec<String> = mods.iter().map(guest_module_path).collect();
     let path = cache_dir.join(format!("initramfs-{}.cpio", &digest[..32]));
     if path.is_file() {
-        return Ok(StaticInitramfs { path, modules: guest_paths, cache_hit: true });
+        return Ok(StaticInitramfs {
+            path,
+            modules: guest_paths,
+            cache_hit: true,
+        });
     }
     std::fs::create_dir_all(cache_dir).map_err(|e| AssetError::io(cache_dir, e))?;
-    let mut w = CpioWriter::new(Vec::with_capacity(agent_bytes.len() + contents.iter().map(Vec::len).sum::<usize>()));
+    let mut w = CpioWriter::new(Vec::with_capacity(
+        agent_bytes.len() + contents.iter().map(Vec::len).sum::<usize>(),
+    ));
     let io = |e| AssetError::io(&path, e);
     for d in ["dev", "proc", "sys", "tmp", "run", "mnt", "etc/microbox"] {
         w.dir(d).map_err(io)?;
@@ -66,17 +76,30 @@ pub fn ensure_static(cache_dir: &Path, kernel: &Kernel, agent: &Path) -> Result<
     }
     let bytes = w.finish().map_err(io)?;
     // Write to a temporary name then rename: concurrent boots never see a partial archive.
-    let tmp = cache_dir.join(format!(".initramfs-{}.{}.tmp", &digest[..32], std::process::id()));
+    let tmp = cache_dir.join(format!(
+        ".initramfs-{}.{}.tmp",
+        &digest[..32],
+        std::process::id()
+    ));
     std::fs::write(&tmp, &bytes).map_err(|e| AssetError::io(&tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| AssetError::io(&path, e))?;
-    Ok(StaticInitramfs { path, modules: guest_paths, cache_hit: false })
+    Ok(StaticInitramfs {
+        path,
+        modules: guest_paths,
+        cache_hit: false,
+    })
 }
 
 /// Writes `static part + per-box config archive` to `out` (QEMU takes a single initrd file).
-pub fn write_box_initrd(static_part: &Path, boot_config_json: &[u8], out: &Path) -> Result<(), AssetError> {
+pub fn write_box_initrd(
+    static_part: &Path,
+    boot_config_json: &[u8],
+    out: &Path,
+) -> Result<(), AssetError> {
     let mut w = CpioWriter::new(Vec::new());
     let cfg_path = microbox_agent_proto::BOOT_CONFIG_PATH;
-    w.file(cfg_path, 0o600, boot_config_json).map_err(|e| AssetError::io(out, e))?;
+    w.file(cfg_path, 0o600, boot_config_json)
+        .map_err(|e| AssetError::io(out, e))?;
     let tail = w.finish().map_err(|e| AssetError::io(out, e))?;
     let mut f = std::fs::File::create(out).map_err(|e| AssetError::io(out, e))?;
     let mut src = std::fs::File::open(static_part).map_err(|e| AssetError::io(static_part, e))?;

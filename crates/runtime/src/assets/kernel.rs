@@ -18,11 +18,16 @@ pub struct Kernel {
 
 /// Finds the kernel: `explicit` (config) wins, then `MICROBOX_KERNEL`, then `/boot`.
 pub fn find_kernel(explicit: Option<&Path>) -> Result<Kernel, AssetError> {
-    let env = std::env::var_os("MICROBOX_KERNEL").filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env = std::env::var_os("MICROBOX_KERNEL")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
     let path = match explicit.map(Path::to_path_buf).or(env) {
         Some(p) => {
             if !p.is_file() {
-                return Err(AssetError::NoKernel(format!("{} does not exist or is not a file", p.display())));
+                return Err(AssetError::NoKernel(format!(
+                    "{} does not exist or is not a file",
+                    p.display()
+                )));
             }
             p
         }
@@ -34,9 +39,16 @@ pub fn find_kernel(explicit: Option<&Path>) -> Result<Kernel, AssetError> {
         None => PathBuf::from("/lib/modules").join(&version),
     };
     if !modules_dir.join("modules.dep").is_file() {
-        return Err(AssetError::NoModules { path: modules_dir, version });
+        return Err(AssetError::NoModules {
+            path: modules_dir,
+            version,
+        });
     }
-    Ok(Kernel { path, version, modules_dir })
+    Ok(Kernel {
+        path,
+        version,
+        modules_dir,
+    })
 }
 
 /// Picks `vmlinuz-*` in `dir`: cloud flavour first, then the highest version.
@@ -49,12 +61,16 @@ pub fn pick_from_boot(dir: &Path) -> Result<PathBuf, AssetError> {
         .filter(|n| n.starts_with("vmlinuz-"))
         .collect();
     if names.is_empty() {
-        return Err(AssetError::NoKernel(format!("no vmlinuz-* in {}", dir.display())));
+        return Err(AssetError::NoKernel(format!(
+            "no vmlinuz-* in {}",
+            dir.display()
+        )));
     }
     names.sort_by(|a, b| {
         let ca = a.ends_with("-cloud-amd64");
         let cb = b.ends_with("-cloud-amd64");
-        ca.cmp(&cb).then_with(|| version_key(a).cmp(&version_key(b)))
+        ca.cmp(&cb)
+            .then_with(|| version_key(a).cmp(&version_key(b)))
     });
     Ok(dir.join(names.last().expect("non-empty")))
 }
@@ -70,10 +86,14 @@ fn version_key(name: &str) -> Vec<(u64, String)> {
 /// pointer at 0x20E, relative to 0x200).
 pub fn bzimage_version(path: &Path) -> Result<String, AssetError> {
     use std::io::{Read, Seek, SeekFrom};
-    let bad = |reason: String| AssetError::BadKernel { path: path.to_path_buf(), reason };
+    let bad = |reason: String| AssetError::BadKernel {
+        path: path.to_path_buf(),
+        reason,
+    };
     let mut f = std::fs::File::open(path).map_err(|e| AssetError::io(path, e))?;
     let mut hdr = [0u8; 0x210];
-    f.read_exact(&mut hdr).map_err(|e| bad(format!("too short for a setup header ({e})")))?;
+    f.read_exact(&mut hdr)
+        .map_err(|e| bad(format!("too short for a setup header ({e})")))?;
     if &hdr[0x202..0x206] != b"HdrS" {
         return Err(bad("no HdrS magic at offset 0x202".into()));
     }
@@ -81,7 +101,8 @@ pub fn bzimage_version(path: &Path) -> Result<String, AssetError> {
     if ptr == 0 {
         return Err(bad("the setup header has no kernel version string".into()));
     }
-    f.seek(SeekFrom::Start(ptr + 0x200)).map_err(|e| AssetError::io(path, e))?;
+    f.seek(SeekFrom::Start(ptr + 0x200))
+        .map_err(|e| AssetError::io(path, e))?;
     let mut buf = [0u8; 256];
     let n = f.read(&mut buf).map_err(|e| AssetError::io(path, e))?;
     let s = String::from_utf8_lossy(&buf[..n]);
@@ -99,7 +120,12 @@ mod tests {
     #[test]
     fn prefers_cloud_then_newest() {
         let tmp = tempfile::tempdir().unwrap();
-        for n in ["vmlinuz-6.1.0-9-amd64", "vmlinuz-6.1.0-10-cloud-amd64", "vmlinuz-6.1.0-9-cloud-amd64", "config-x"] {
+        for n in [
+            "vmlinuz-6.1.0-9-amd64",
+            "vmlinuz-6.1.0-10-cloud-amd64",
+            "vmlinuz-6.1.0-9-cloud-amd64",
+            "config-x",
+        ] {
             std::fs::write(tmp.path().join(n), b"").unwrap();
         }
         let p = pick_from_boot(tmp.path()).unwrap();
@@ -118,8 +144,14 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let p = tmp.path().join("vmlinuz");
         std::fs::write(&p, vec![0u8; 4096]).unwrap();
-        assert!(matches!(bzimage_version(&p), Err(AssetError::BadKernel { .. })));
-        assert!(matches!(find_kernel(Some(&tmp.path().join("nope"))), Err(AssetError::NoKernel(_))));
+        assert!(matches!(
+            bzimage_version(&p),
+            Err(AssetError::BadKernel { .. })
+        ));
+        assert!(matches!(
+            find_kernel(Some(&tmp.path().join("nope"))),
+            Err(AssetError::NoKernel(_))
+        ));
     }
 
     #[test]

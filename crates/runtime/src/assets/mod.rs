@@ -27,11 +27,17 @@ pub enum AssetError {
     #[error("guest agent {path} is not a static x86-64 ELF executable: {reason}")]
     AgentNotStatic { path: PathBuf, reason: String },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl AssetError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        AssetError::Io { path: path.into(), source }
+        AssetError::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

@@ -36,7 +36,8 @@ fn module_name(rel_path: &str) -> String {
 pub fn resolve(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<ModuleFile>, AssetError> {
     let dep_path = modules_dir.join("modules.dep");
     let dep_text = std::fs::read_to_string(&dep_path).map_err(|e| AssetError::io(&dep_path, e))?;
-    let builtin_text = std::fs::read_to_string(modules_dir.join("modules.builtin")).unwrap_or_default();
+    let builtin_text =
+        std::fs::read_to_string(modules_dir.join("modules.builtin")).unwrap_or_default();
     resolve_from(&dep_text, &builtin_text, wanted, &dep_path)
 }
 
@@ -72,9 +73,19 @@ pub(crate) fn resolve_from(
             name: name.clone(),
             dep: dep_path.to_path_buf(),
         })?;
-        visit(path, &deps, &mut done, &mut Vec::new(), &mut order, dep_path)?;
+        visit(
+            path,
+            &deps,
+            &mut done,
+            &mut Vec::new(),
+            &mut order,
+            dep_path,
+        )?;
     }
-    Ok(order.into_iter().map(|rel_path| ModuleFile { rel_path }).collect())
+    Ok(order
+        .into_iter()
+        .map(|rel_path| ModuleFile { rel_path })
+        .collect())
 }
 
 fn visit(
@@ -95,7 +106,10 @@ fn visit(
         });
     }
     stack.push(path.to_string());
-    let list = deps.get(&module_name(path)).map(|(_, l)| l.clone()).unwrap_or_default();
+    let list = deps
+        .get(&module_name(path))
+        .map(|(_, l)| l.clone())
+        .unwrap_or_default();
     for d in &list {
         visit(d, deps, done, stack, order, dep_path)?;
     }
@@ -125,12 +139,21 @@ kernel/drivers/virtio/virtio_mmio.ko: kernel/drivers/virtio/virtio.ko kernel/dri
     fn dependencies_come_first_once() {
         let r = resolve_from(DEP, "", &["virtio_mmio", "virtiofs"], Path::new("m.dep")).unwrap();
         let names: Vec<_> = r.iter().map(|m| module_name(&m.rel_path)).collect();
-        assert_eq!(names, ["virtio_ring", "virtio", "virtio_mmio", "fuse", "virtiofs"]);
+        assert_eq!(
+            names,
+            ["virtio_ring", "virtio", "virtio_mmio", "fuse", "virtiofs"]
+        );
     }
 
     #[test]
     fn builtin_is_skipped_unknown_is_an_error() {
-        let r = resolve_from(DEP, "kernel/fs/overlayfs/overlay.ko\n", &["overlay"], Path::new("m.dep")).unwrap();
+        let r = resolve_from(
+            DEP,
+            "kernel/fs/overlayfs/overlay.ko\n",
+            &["overlay"],
+            Path::new("m.dep"),
+        )
+        .unwrap();
         assert!(r.is_empty());
         let e = resolve_from(DEP, "", &["nope"], Path::new("m.dep")).unwrap_err();
         assert!(e.to_string().contains("\"nope\""), "{e}");
@@ -141,6 +164,9 @@ kernel/drivers/virtio/virtio_mmio.ko: kernel/drivers/virtio/virtio.ko kernel/dri
     #[test]
     fn cycle_is_reported() {
         let dep = "a.ko: b.ko\nb.ko: a.ko\n";
-        assert!(resolve_from(dep, "", &["a"], Path::new("m.dep")).unwrap_err().to_string().contains("cycle"));
+        assert!(resolve_from(dep, "", &["a"], Path::new("m.dep"))
+            .unwrap_err()
+            .to_string()
+            .contains("cycle"));
     }
 }

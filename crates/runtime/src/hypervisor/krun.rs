@@ -47,10 +47,16 @@ pub struct KrunConfig {
 
 impl KrunConfig {
     pub fn from_spec(spec: &VmSpec) -> Result<Self, HypervisorError> {
-        let vcpus = u8::try_from(spec.vcpus)
-            .map_err(|_| HypervisorError::InvalidSpec(format!("libkrun supports at most 255 vCPUs, got {}", spec.vcpus)))?;
+        let vcpus = u8::try_from(spec.vcpus).map_err(|_| {
+            HypervisorError::InvalidSpec(format!(
+                "libkrun supports at most 255 vCPUs, got {}",
+                spec.vcpus
+            ))
+        })?;
         if spec.net.is_some() {
-            tracing::warn!("libkrun backend: user-mode networking is not configured (TSI is not used)");
+            tracing::warn!(
+                "libkrun backend: user-mode networking is not configured (TSI is not used)"
+            );
         }
         Ok(Self {
             vcpus,
@@ -58,8 +64,14 @@ impl KrunConfig {
             kernel: spec.kernel.clone(),
             kernel_format: KRUN_KERNEL_FORMAT_ELF,
             initramfs: spec.initrd.clone(),
-            cmdline: format!("console=hvc0 panic=-1 {}", spec.extra_cmdline).trim().to_string(),
-            virtiofs: spec.shares.iter().map(|s| (s.tag.clone(), s.host_dir.clone())).collect(),
+            cmdline: format!("console=hvc0 panic=-1 {}", spec.extra_cmdline)
+                .trim()
+                .to_string(),
+            virtiofs: spec
+                .shares
+                .iter()
+                .map(|s| (s.tag.clone(), s.host_dir.clone()))
+                .collect(),
             vsock_ports: vec![(spec.agent_port, krun_agent_socket(spec))],
         })
     }
@@ -73,7 +85,8 @@ type FnCreate = unsafe extern "C" fn() -> i32;
 type FnVmConfig = unsafe extern "C" fn(u32, u8, u32) -> i32;
 type FnAddVirtiofs = unsafe extern "C" fn(u32, *const c_char, *const c_char) -> i32;
 type FnAddVsockPort = unsafe extern "C" fn(u32, u32, *const c_char) -> i32;
-type FnSetKernel = unsafe extern "C" fn(u32, *const c_char, u32, *const c_char, *const c_char) -> i32;
+type FnSetKernel =
+    unsafe extern "C" fn(u32, *const c_char, u32, *const c_char, *const c_char) -> i32;
 type FnStartEnter = unsafe extern "C" fn(u32) -> i32;
 
 /// The loaded library.
@@ -84,7 +97,10 @@ pub struct Libkrun {
 impl Libkrun {
     /// Loads libkrun and checks that every symbol microbox needs is present.
     pub fn load() -> Result<Self, HypervisorError> {
-        let candidates: Vec<String> = match std::env::var("MICROBOX_LIBKRUN").ok().filter(|s| !s.is_empty()) {
+        let candidates: Vec<String> = match std::env::var("MICROBOX_LIBKRUN")
+            .ok()
+            .filter(|s| !s.is_empty())
+        {
             Some(p) => vec![p],
             None => vec!["libkrun.so.1".into(), "libkrun.so".into()],
         };
@@ -105,7 +121,9 @@ impl Libkrun {
                     ] {
                         // SAFETY: only checks presence; the pointer is not called here.
                         unsafe { l.lib.get::<*const ()>(sym.as_bytes()) }.map_err(|e| {
-                            HypervisorError::KrunUnavailable(format!("{c} lacks {sym} (libkrun too old?): {e}"))
+                            HypervisorError::KrunUnavailable(format!(
+                                "{c} lacks {sym} (libkrun too old?): {e}"
+                            ))
                         })?;
                     }
                     return Ok(l);
@@ -122,10 +140,17 @@ impl Libkrun {
     /// Creates a context and applies `cfg`; returns the context id.
     pub fn configure(&self, cfg: &KrunConfig) -> Result<u32, HypervisorError> {
         let cstr = |p: &Path| {
-            CString::new(p.as_os_str().as_encoded_bytes())
-                .map_err(|_| HypervisorError::InvalidSpec(format!("{} contains a NUL byte", p.display())))
+            CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| {
+                HypervisorError::InvalidSpec(format!("{} contains a NUL byte", p.display()))
+            })
         };
-        let check = |call: &'static str, code: i32| if code < 0 { Err(HypervisorError::KrunCall { call, code }) } else { Ok(code) };
+        let check = |call: &'static str, code: i32| {
+            if code < 0 {
+                Err(HypervisorError::KrunCall { call, code })
+            } else {
+                Ok(code)
+            }
+        };
         // SAFETY: the symbols have the C signatures of libkrun.h; all strings are valid
         // NUL-terminated CStrings that outlive each call (libkrun copies them).
         unsafe {
@@ -135,17 +160,25 @@ impl Libkrun {
             check("krun_set_vm_config", vm(ctx, cfg.vcpus, cfg.ram_mib))?;
             let kernel = cstr(&cfg.kernel)?;
             let initrd = cstr(&cfg.initramfs)?;
-            let cmdline = CString::new(cfg.cmdline.as_str())
-                .map_err(|_| HypervisorError::InvalidSpec("kernel command line contains a NUL byte".into()))?;
+            let cmdline = CString::new(cfg.cmdline.as_str()).map_err(|_| {
+                HypervisorError::InvalidSpec("kernel command line contains a NUL byte".into())
+            })?;
             let set_kernel: libloading::Symbol<FnSetKernel> = self.sym("krun_set_kernel")?;
             check(
                 "krun_set_kernel",
-                set_kernel(ctx, kernel.as_ptr(), cfg.kernel_format, initrd.as_ptr(), cmdline.as_ptr()),
+                set_kernel(
+                    ctx,
+                    kernel.as_ptr(),
+                    cfg.kernel_format,
+                    initrd.as_ptr(),
+                    cmdline.as_ptr(),
+                ),
             )?;
             let add_fs: libloading::Symbol<FnAddVirtiofs> = self.sym("krun_add_virtiofs")?;
             for (tag, dir) in &cfg.virtiofs {
-                let t = CString::new(tag.as_str())
-                    .map_err(|_| HypervisorError::InvalidSpec(format!("virtio-fs tag {tag:?} contains NUL")))?;
+                let t = CString::new(tag.as_str()).map_err(|_| {
+                    HypervisorError::InvalidSpec(format!("virtio-fs tag {tag:?} contains NUL"))
+                })?;
                 let d = cstr(dir)?;
                 check("krun_add_virtiofs", add_fs(ctx, t.as_ptr(), d.as_ptr()))?;
             }
@@ -168,7 +201,10 @@ impl Libkrun {
                 Err(e) => return e,
             }
         };
-        HypervisorError::KrunCall { call: "krun_start_enter", code }
+        HypervisorError::KrunCall {
+            call: "krun_start_enter",
+            code,
+        }
     }
 
     /// # Safety
@@ -183,7 +219,9 @@ impl Libkrun {
 /// Call first thing in `main` of any binary that embeds microbox: when the runtime re-executes
 /// it as the libkrun VMM shim, this runs the VM and never returns.
 pub fn shim_main_if_requested() {
-    let Some(path) = std::env::var_os(SHIM_ENV) else { return };
+    let Some(path) = std::env::var_os(SHIM_ENV) else {
+        return;
+    };
     let code = match run_shim(Path::new(&path)) {
         Ok(()) => 0,
         Err(e) => {
@@ -222,7 +260,10 @@ impl Hypervisor for KrunBackend {
         check_with(accel, &HostVirt::probe(), Libkrun::load().map(drop))
     }
 
-    fn launch<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, Result<Box<dyn VmHandle>, HypervisorError>> {
+    fn launch<'a>(
+        &'a self,
+        spec: &'a VmSpec,
+    ) -> BoxFuture<'a, Result<Box<dyn VmHandle>, HypervisorError>> {
         async move {
             self.check(spec.accel)?;
             let cfg = KrunConfig::from_spec(spec)?;
@@ -231,7 +272,10 @@ impl Hypervisor for KrunBackend {
             let exe = std::env::current_exe()?;
             // The child inherits SHIM_ENV through a wrapper: ManagedProcess takes no env, so use
             // /usr/bin/env to set it without touching our own environment.
-            let args = vec![format!("{SHIM_ENV}={}", cfg_path.display()), exe.to_string_lossy().into_owned()];
+            let args = vec![
+                format!("{SHIM_ENV}={}", cfg_path.display()),
+                exe.to_string_lossy().into_owned(),
+            ];
             let p = ManagedProcess::spawn(
                 "krun",
                 Path::new("/usr/bin/env"),
@@ -239,22 +283,33 @@ impl Hypervisor for KrunBackend {
                 Some(&spec.box_paths.console_log()),
                 Some(spec.box_paths.pidfile("krun")),
             )
-            .map_err(|e| HypervisorError::Spawn { what: "libkrun shim".into(), source: e })?;
-            Ok(Box::new(KrunVm { vmm: p, endpoint: krun_agent_socket(spec) }) as Box<dyn VmHandle>)
+            .map_err(|e| HypervisorError::Spawn {
+                what: "libkrun shim".into(),
+                source: e,
+            })?;
+            Ok(Box::new(KrunVm {
+                vmm: p,
+                endpoint: krun_agent_socket(spec),
+            }) as Box<dyn VmHandle>)
         }
         .boxed()
     }
 }
 
 /// The decision logic of `check` (separate so the errors are unit-testable).
-pub fn check_with(accel: Accel, host: &HostVirt, lib: Result<(), HypervisorError>) -> Result<(), HypervisorError> {
+pub fn check_with(
+    accel: Accel,
+    host: &HostVirt,
+    lib: Result<(), HypervisorError>,
+) -> Result<(), HypervisorError> {
     if accel != Accel::Kvm {
         return Err(HypervisorError::KrunUnavailable(
             "libkrun needs KVM and this box runs under TCG (software emulation); use the qemu backend".into(),
         ));
     }
-    host.kvm_usable()
-        .map_err(|why| HypervisorError::KrunUnavailable(format!("libkrun needs a usable KVM: {why}")))?;
+    host.kvm_usable().map_err(|why| {
+        HypervisorError::KrunUnavailable(format!("libkrun needs a usable KVM: {why}"))
+    })?;
     lib
 }
 
@@ -266,7 +321,10 @@ struct KrunVm {
 impl VmHandle for KrunVm {
     fn processes(&self) -> Vec<VmProcess> {
         if self.vmm.is_running() {
-            vec![VmProcess { name: "krun".into(), pid: self.vmm.pid() }]
+            vec![VmProcess {
+                name: "krun".into(),
+                pid: self.vmm.pid(),
+            }]
         } else {
             Vec::new()
         }
@@ -286,10 +344,20 @@ impl VmHandle for KrunVm {
         .boxed()
     }
     fn pause(&self) -> BoxFuture<'_, Result<(), HypervisorError>> {
-        async move { Err(HypervisorError::InvalidSpec("pause is not supported by the libkrun backend".into())) }.boxed()
+        async move {
+            Err(HypervisorError::InvalidSpec(
+                "pause is not supported by the libkrun backend".into(),
+            ))
+        }
+        .boxed()
     }
     fn resume(&self) -> BoxFuture<'_, Result<(), HypervisorError>> {
-        async move { Err(HypervisorError::InvalidSpec("resume is not supported by the libkrun backend".into())) }.boxed()
+        async move {
+            Err(HypervisorError::InvalidSpec(
+                "resume is not supported by the libkrun backend".into(),
+            ))
+        }
+        .boxed()
     }
     fn reclaim_memory(&self) -> BoxFuture<'_, Result<String, HypervisorError>> {
         // libkrun enables free page reporting on its balloon itself.
@@ -319,8 +387,16 @@ mod tests {
             memory_mib: 512,
             accel: Accel::Kvm,
             shares: vec![
-                Share { tag: "rootfs".into(), host_dir: "/img".into(), read_only: true },
-                Share { tag: "vol0".into(), host_dir: "/data".into(), read_only: false },
+                Share {
+                    tag: "rootfs".into(),
+                    host_dir: "/img".into(),
+                    read_only: true,
+                },
+                Share {
+                    tag: "vol0".into(),
+                    host_dir: "/data".into(),
+                    read_only: false,
+                },
             ],
             net: None,
             agent_port: 4088,
@@ -332,8 +408,17 @@ mod tests {
         let c = KrunConfig::from_spec(&spec()).unwrap();
         assert_eq!(c.vcpus, 2);
         assert_eq!(c.ram_mib, 512);
-        assert_eq!(c.virtiofs, vec![("rootfs".into(), "/img".into()), ("vol0".into(), "/data".into())]);
-        assert_eq!(c.vsock_ports, vec![(4088, PathBuf::from("/r/boxes/k/krun-agent.sock"))]);
+        assert_eq!(
+            c.virtiofs,
+            vec![
+                ("rootfs".into(), "/img".into()),
+                ("vol0".into(), "/data".into())
+            ]
+        );
+        assert_eq!(
+            c.vsock_ports,
+            vec![(4088, PathBuf::from("/r/boxes/k/krun-agent.sock"))]
+        );
         assert!(c.cmdline.ends_with("a=b"));
         let mut s = spec();
         s.vcpus = 300;
@@ -342,14 +427,29 @@ mod tests {
 
     #[test]
     fn clear_errors_without_kvm_or_library() {
-        let pvm = HostVirt { cpu_flags_virt: false, kvm_opens: Ok(()) };
-        let e = check_with(Accel::Kvm, &pvm, Ok(())).unwrap_err().to_string();
+        let pvm = HostVirt {
+            cpu_flags_virt: false,
+            kvm_opens: Ok(()),
+        };
+        let e = check_with(Accel::Kvm, &pvm, Ok(()))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("usable KVM") && e.contains("vmx/svm"), "{e}");
-        let e = check_with(Accel::Tcg, &pvm, Ok(())).unwrap_err().to_string();
+        let e = check_with(Accel::Tcg, &pvm, Ok(()))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("TCG"), "{e}");
-        let good = HostVirt { cpu_flags_virt: true, kvm_opens: Ok(()) };
-        let missing = Err(HypervisorError::KrunUnavailable("libkrun shared library not found".into()));
-        assert!(check_with(Accel::Kvm, &good, missing).unwrap_err().to_string().contains("not found"));
+        let good = HostVirt {
+            cpu_flags_virt: true,
+            kvm_opens: Ok(()),
+        };
+        let missing = Err(HypervisorError::KrunUnavailable(
+            "libkrun shared library not found".into(),
+        ));
+        assert!(check_with(Accel::Kvm, &good, missing)
+            .unwrap_err()
+            .to_string()
+            .contains("not found"));
         assert!(check_with(Accel::Kvm, &good, Ok(())).is_ok());
     }
 

@@ -31,7 +31,10 @@ pub enum HypervisorError {
     #[error("libkrun call {call} failed with error {code}")]
     KrunCall { call: &'static str, code: i32 },
     #[error("failed to start {what}: {source}")]
-    Spawn { what: String, source: std::io::Error },
+    Spawn {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("{what} did not come up: {detail}")]
     HelperFailed { what: String, detail: String },
     #[error("QMP: {0}")]
@@ -108,7 +111,10 @@ pub trait VmHandle: Send + Sync {
     fn terminate(&self, grace: Duration) -> BoxFuture<'_, ()>;
     /// Summed resident memory of the VMM and helpers.
     fn rss_bytes(&self) -> u64 {
-        self.processes().iter().filter_map(|p| crate::process::rss_bytes(p.pid)).sum()
+        self.processes()
+            .iter()
+            .filter_map(|p| crate::process::rss_bytes(p.pid))
+            .sum()
     }
 }
 
@@ -118,7 +124,10 @@ pub trait Hypervisor: Send + Sync {
     /// Checks that the backend can run here (binaries, libraries, acceleration) before any
     /// process is started.
     fn check(&self, accel: Accel) -> Result<(), HypervisorError>;
-    fn launch<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, Result<Box<dyn VmHandle>, HypervisorError>>;
+    fn launch<'a>(
+        &'a self,
+        spec: &'a VmSpec,
+    ) -> BoxFuture<'a, Result<Box<dyn VmHandle>, HypervisorError>>;
 }
 
 /// Which backend to use: `MICROBOX_BACKEND` beats the config; auto picks libkrun only when it
@@ -128,7 +137,9 @@ pub fn select_backend(
     accel: &AccelDecision,
 ) -> Result<Box<dyn Hypervisor>, HypervisorError> {
     use microbox_core::BackendChoice;
-    let env = std::env::var("MICROBOX_BACKEND").ok().filter(|s| !s.is_empty());
+    let env = std::env::var("MICROBOX_BACKEND")
+        .ok()
+        .filter(|s| !s.is_empty());
     let choice = match env.as_deref() {
         Some("qemu") => BackendChoice::Qemu,
         Some("krun") | Some("libkrun") => BackendChoice::Krun,
@@ -168,7 +179,11 @@ pub(crate) async fn wait_for_socket(
         if let Some(info) = helper.exit_info() {
             return Err(HypervisorError::HelperFailed {
                 what: helper.name().to_string(),
-                detail: format!("it exited ({info}); log {}: {}", log.display(), tail_of(log, 5)),
+                detail: format!(
+                    "it exited ({info}); log {}: {}",
+                    log.display(),
+                    tail_of(log, 5)
+                ),
             });
         }
         if tokio::time::Instant::now() >= deadline {

@@ -37,7 +37,8 @@ impl QemuBackend {
     fn qemu() -> Result<PathBuf, HypervisorError> {
         find_program("qemu-system-x86_64", "MICROBOX_QEMU").ok_or_else(|| {
             HypervisorError::QemuMissing(
-                "qemu-system-x86_64 is not in PATH (install qemu-system-x86 or set MICROBOX_QEMU)".into(),
+                "qemu-system-x86_64 is not in PATH (install qemu-system-x86 or set MICROBOX_QEMU)"
+                    .into(),
             )
         })
     }
@@ -64,7 +65,9 @@ impl QemuBackend {
 /// Kernel command line for a microvm guest.
 pub fn kernel_cmdline(accel: Accel, tsc_khz: Option<u64>, extra: &str) -> String {
     // panic=-1 + -no-reboot: a guest panic ends QEMU at once instead of hanging the box.
-    let mut c = String::from("console=ttyS0 panic=-1 reboot=t loglevel=4 i8042.noaux i8042.nomux i8042.nopnp");
+    let mut c = String::from(
+        "console=ttyS0 panic=-1 reboot=t loglevel=4 i8042.noaux i8042.nomux i8042.nopnp",
+    );
     if accel == Accel::Tcg {
         // TCG's emulated PIT makes TSC calibration fail now and then (boot hangs); the guest TSC
         // under TCG runs at the host rate, so tell the kernel.
@@ -87,26 +90,58 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>, kernel_vhost_vsock: bool) 
     let mut push = |parts: &[&str]| a.extend(parts.iter().map(|s| s.to_string()));
     push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
     push(&["-machine", "microvm,memory-backend=mem,rtc=on"]);
-    push(&["-object", &format!("memory-backend-memfd,id=mem,size={mem}M,share=on")]);
+    push(&[
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+    ]);
     push(&["-m", &format!("{mem}M"), "-smp", &spec.vcpus.to_string()]);
     match spec.accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         // A bounded translation cache keeps the idle RSS of TCG boxes predictable.
         Accel::Tcg => push(&["-accel", "tcg,tb-size=64", "-cpu", "max"]),
     }
-    push(&["-kernel", &spec.kernel.to_string_lossy(), "-initrd", &spec.initrd.to_string_lossy()]);
-    push(&["-append", &kernel_cmdline(spec.accel, tsc_khz, &spec.extra_cmdline)]);
-    push(&["-chardev", &format!("file,id=console,path={}", bp.console_log().display())]);
+    push(&[
+        "-kernel",
+        &spec.kernel.to_string_lossy(),
+        "-initrd",
+        &spec.initrd.to_string_lossy(),
+    ]);
+    push(&[
+        "-append",
+        &kernel_cmdline(spec.accel, tsc_khz, &spec.extra_cmdline),
+    ]);
+    push(&[
+        "-chardev",
+        &format!("file,id=console,path={}", bp.console_log().display()),
+    ]);
     push(&["-serial", "chardev:console"]);
-    push(&["-qmp", &format!("unix:{},server=on,wait=off", bp.qmp_socket().display())]);
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", bp.qmp_socket().display()),
+    ]);
     for (i, s) in spec.shares.iter().enumerate() {
-        push(&["-chardev", &format!("socket,id=fs{i},path={}", bp.virtiofs_socket(&s.tag).display())]);
-        push(&["-device", &format!("vhost-user-fs-device,chardev=fs{i},tag={}", s.tag)]);
+        push(&[
+            "-chardev",
+            &format!(
+                "socket,id=fs{i},path={}",
+                bp.virtiofs_socket(&s.tag).display()
+            ),
+        ]);
+        push(&[
+            "-device",
+            &format!("vhost-user-fs-device,chardev=fs{i},tag={}", s.tag),
+        ]);
     }
     if kernel_vhost_vsock {
-        push(&["-device", &format!("vhost-vsock-device,guest-cid={GUEST_CID}")]);
+        push(&[
+            "-device",
+            &format!("vhost-vsock-device,guest-cid={GUEST_CID}"),
+        ]);
     } else {
-        push(&["-chardev", &format!("socket,id=vsock,path={}", bp.vhost_vsock_socket().display())]);
+        push(&[
+            "-chardev",
+            &format!("socket,id=vsock,path={}", bp.vhost_vsock_socket().display()),
+        ]);
         push(&["-device", "vhost-user-vsock-device,chardev=vsock"]);
     }
     push(&["-device", "virtio-balloon-device,free-page-reporting=on"]);
@@ -117,7 +152,10 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>, kernel_vhost_vsock: bool) 
         }
         push(&["-netdev", &nd, "-device", "virtio-net-device,netdev=net0"]);
     }
-    push(&["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
+    push(&[
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    ]);
     a
 }
 
@@ -135,9 +173,17 @@ impl Hypervisor for QemuBackend {
         Ok(())
     }
 
-    fn launch<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, Result<Box<dyn VmHandle>, HypervisorError>> {
+    fn launch<'a>(
+        &'a self,
+        spec: &'a VmSpec,
+    ) -> BoxFuture<'a, Result<Box<dyn VmHandle>, HypervisorError>> {
         async move {
-            let mut vm = QemuVm { helpers: Vec::new(), qemu: None, qmp: Mutex::new(None), spec: spec.clone() };
+            let mut vm = QemuVm {
+                helpers: Vec::new(),
+                qemu: None,
+                qmp: Mutex::new(None),
+                spec: spec.clone(),
+            };
             match vm.start().await {
                 Ok(()) => Ok(Box::new(vm) as Box<dyn VmHandle>),
                 Err(e) => {
@@ -164,7 +210,11 @@ impl QemuVm {
         let qemu_bin = QemuBackend::qemu()?;
         let virtiofsd = QemuBackend::virtiofsd()?;
         let kernel_vsock = Path::new("/dev/vhost-vsock").exists();
-        let vsock_dev = if kernel_vsock { None } else { Some(QemuBackend::vsock_device()?) };
+        let vsock_dev = if kernel_vsock {
+            None
+        } else {
+            Some(QemuBackend::vsock_device()?)
+        };
         let bp = self.spec.box_paths.clone();
 
         // Start all helpers first, then wait for their sockets together (they start in parallel).
@@ -194,7 +244,10 @@ impl QemuVm {
                 Some(&log),
                 Some(bp.pidfile(&format!("virtiofsd-{}", s.tag))),
             )
-            .map_err(|e| HypervisorError::Spawn { what: format!("virtiofsd for {}", s.host_dir.display()), source: e })?;
+            .map_err(|e| HypervisorError::Spawn {
+                what: format!("virtiofsd for {}", s.host_dir.display()),
+                source: e,
+            })?;
             self.helpers.push(p);
             waits.push((sock, self.helpers.len() - 1, log));
         }
@@ -205,10 +258,23 @@ impl QemuVm {
             let log = bp.dir.join("vhost-device-vsock.log");
             let args = vec![
                 "--vm".to_string(),
-                format!("guest-cid={GUEST_CID},socket={},uds-path={}", sock.display(), bp.vsock_uds().display()),
+                format!(
+                    "guest-cid={GUEST_CID},socket={},uds-path={}",
+                    sock.display(),
+                    bp.vsock_uds().display()
+                ),
             ];
-            let p = ManagedProcess::spawn("vhost-device-vsock", &dev, &args, Some(&log), Some(bp.pidfile("vhost-device-vsock")))
-                .map_err(|e| HypervisorError::Spawn { what: "vhost-device-vsock".into(), source: e })?;
+            let p = ManagedProcess::spawn(
+                "vhost-device-vsock",
+                &dev,
+                &args,
+                Some(&log),
+                Some(bp.pidfile("vhost-device-vsock")),
+            )
+            .map_err(|e| HypervisorError::Spawn {
+                what: "vhost-device-vsock".into(),
+                source: e,
+            })?;
             self.helpers.push(p);
             waits.push((sock, self.helpers.len() - 1, log));
         }
@@ -217,19 +283,36 @@ impl QemuVm {
         }
 
         let _ = std::fs::remove_file(bp.qmp_socket());
-        let tsc = if self.spec.accel == Accel::Tcg { host_tsc_khz() } else { None };
+        let tsc = if self.spec.accel == Accel::Tcg {
+            host_tsc_khz()
+        } else {
+            None
+        };
         let args = qemu_args(&self.spec, tsc, kernel_vsock);
         let log = bp.dir.join("qemu.log");
         tracing::debug!(args = ?args, "starting qemu");
-        let q = ManagedProcess::spawn("qemu", &qemu_bin, &args, Some(&log), Some(bp.pidfile("qemu")))
-            .map_err(|e| HypervisorError::Spawn { what: "qemu-system-x86_64".into(), source: e })?;
+        let q = ManagedProcess::spawn(
+            "qemu",
+            &qemu_bin,
+            &args,
+            Some(&log),
+            Some(bp.pidfile("qemu")),
+        )
+        .map_err(|e| HypervisorError::Spawn {
+            what: "qemu-system-x86_64".into(),
+            source: e,
+        })?;
         self.qemu = Some(q);
         let q = self.qemu.as_ref().expect("just set");
         wait_for_socket(&bp.qmp_socket(), q, &log, HELPER_START_TIMEOUT).await?;
         Ok(())
     }
 
-    async fn qmp_execute(&self, cmd: &str, args: Option<serde_json::Value>) -> Result<serde_json::Value, HypervisorError> {
+    async fn qmp_execute(
+        &self,
+        cmd: &str,
+        args: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, HypervisorError> {
         let mut guard = self.qmp.lock().await;
         if guard.is_none() {
             *guard = Some(Qmp::connect(&self.spec.box_paths.qmp_socket()).await?);
@@ -252,7 +335,8 @@ impl QemuVm {
         }
         *self.qmp.lock().await = None;
         for h in &self.helpers {
-            h.stop(Duration::from_millis(if grace.is_zero() { 0 } else { 500 })).await;
+            h.stop(Duration::from_millis(if grace.is_zero() { 0 } else { 500 }))
+                .await;
         }
         for s in &self.spec.shares {
             let _ = std::fs::remove_file(self.spec.box_paths.virtiofs_socket(&s.tag));
@@ -262,17 +346,18 @@ impl QemuVm {
         let _ = std::fs::remove_file(self.spec.box_paths.qmp_socket());
     }
 
-    /// Total RSS while balloon reporting settles: waits until it stops falling.
-    async fn settle_rss(&self, max: Duration) -> u64 {
+    /// Waits until the RSS stops falling: free page reporting starts 2 s after pages are freed
+    /// (the guest's reporting delay) and then works through the free lists in batches.
+    async fn settle_rss(&self, min: Duration, max: Duration) -> u64 {
         let start = tokio::time::Instant::now();
         let mut last = self.rss_bytes();
         let mut stable = 0;
         while start.elapsed() < max {
             tokio::time::sleep(Duration::from_millis(250)).await;
             let now = self.rss_bytes();
-            if now + 512 * 1024 >= last {
+            if now + (1 << 20) >= last {
                 stable += 1;
-                if stable >= 6 {
+                if stable >= 4 && start.elapsed() >= min {
                     return now;
                 }
             } else {
@@ -290,19 +375,31 @@ impl VmHandle for QemuVm {
             .iter()
             .chain(self.helpers.iter())
             .filter(|p| p.is_running())
-            .map(|p| VmProcess { name: p.name().to_string(), pid: p.pid() })
+            .map(|p| VmProcess {
+                name: p.name().to_string(),
+                pid: p.pid(),
+            })
             .collect()
     }
 
     fn vmm_exit(&self) -> watch::Receiver<Option<ExitInfo>> {
         match &self.qemu {
             Some(q) => q.exit_watch(),
-            None => watch::channel(Some(ExitInfo { code: None, signal: None })).1,
+            None => {
+                watch::channel(Some(ExitInfo {
+                    code: None,
+                    signal: None,
+                }))
+                .1
+            }
         }
     }
 
     fn agent_endpoint(&self) -> AgentEndpoint {
-        AgentEndpoint::HybridVsock { uds: self.spec.box_paths.vsock_uds(), port: self.spec.agent_port }
+        AgentEndpoint::HybridVsock {
+            uds: self.spec.box_paths.vsock_uds(),
+            port: self.spec.agent_port,
+        }
     }
 
     fn powerdown(&self) -> BoxFuture<'_, Result<(), HypervisorError>> {
@@ -321,7 +418,9 @@ impl VmHandle for QemuVm {
         async move {
             // Free page reporting hands freed guest pages back to QEMU, which punches them out of
             // the memfd; wait until the RSS stops falling.
-            let _ = self.settle_rss(Duration::from_secs(8)).await;
+            let _ = self
+                .settle_rss(Duration::from_secs(3), Duration::from_secs(15))
+                .await;
             Ok("virtio-balloon free page reporting".to_string())
         }
         .boxed()
@@ -347,8 +446,14 @@ mod tests {
             vcpus: 2,
             memory_mib: 384,
             accel: Accel::Tcg,
-            shares: vec![Share { tag: "rootfs".into(), host_dir: "/img/root".into(), read_only: true }],
-            net: Some(UserNet { forwards: vec![("tcp".into(), "127.0.0.1".parse().unwrap(), 8080, 80)] }),
+            shares: vec![Share {
+                tag: "rootfs".into(),
+                host_dir: "/img/root".into(),
+                read_only: true,
+            }],
+            net: Some(UserNet {
+                forwards: vec![("tcp".into(), "127.0.0.1".parse().unwrap(), 8080, 80)],
+            }),
             agent_port: 4088,
         }
     }
@@ -358,7 +463,9 @@ mod tests {
         let a = qemu_args(&spec(), Some(2_500_000), false).join(" ");
         assert!(a.contains("-m 384M -smp 2"), "{a}");
         assert!(a.contains("memory-backend-memfd,id=mem,size=384M,share=on"));
-        assert!(a.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"));
+        assert!(a.contains(
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+        ));
         assert!(a.contains("vhost-user-fs-device,chardev=fs0,tag=rootfs"));
         assert!(a.contains("path=/r/boxes/b1/fs-rootfs.sock"));
         assert!(a.contains("vhost-user-vsock-device,chardev=vsock"));

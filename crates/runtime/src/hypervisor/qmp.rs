@@ -23,10 +23,15 @@ impl Qmp {
             .await
             .map_err(|e| HypervisorError::Qmp(format!("connect {}: {e}", path.display())))?;
         let (r, w) = stream.into_split();
-        let mut q = Qmp { reader: BufReader::new(r), writer: w };
+        let mut q = Qmp {
+            reader: BufReader::new(r),
+            writer: w,
+        };
         let greeting = q.read_message().await?;
         if greeting.get("QMP").is_none() {
-            return Err(HypervisorError::Qmp(format!("unexpected greeting {greeting}")));
+            return Err(HypervisorError::Qmp(format!(
+                "unexpected greeting {greeting}"
+            )));
         }
         q.execute("qmp_capabilities", None).await?;
         Ok(q)
@@ -41,11 +46,16 @@ impl Qmp {
         if n == 0 {
             return Err(HypervisorError::Qmp("connection closed by QEMU".into()));
         }
-        serde_json::from_str(&line).map_err(|e| HypervisorError::Qmp(format!("bad JSON from QEMU ({e}): {line}")))
+        serde_json::from_str(&line)
+            .map_err(|e| HypervisorError::Qmp(format!("bad JSON from QEMU ({e}): {line}")))
     }
 
     /// Runs a command and returns its `return` value (asynchronous events are skipped).
-    pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, HypervisorError> {
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, HypervisorError> {
         let mut msg = json!({ "execute": command });
         if let Some(a) = arguments {
             msg["arguments"] = a;
@@ -70,6 +80,9 @@ impl Qmp {
     /// `query-status`: e.g. "running", "paused", "shutdown".
     pub async fn status(&mut self) -> Result<String, HypervisorError> {
         let v = self.execute("query-status", None).await?;
-        Ok(v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string())
+        Ok(v.get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_string())
     }
 }
