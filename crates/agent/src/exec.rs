@@ -67,6 +67,14 @@ impl ProcTable {
         send_signal(pid, signal, group)
     }
 
+    /// Sends `signal` to the process group of every running exec.
+    pub fn signal_all(&self, signal: i32) {
+        let pids: Vec<u32> = self.lock().keys().copied().collect();
+        for pid in pids {
+            let _ = send_signal(pid, signal, true);
+        }
+    }
+
     /// Resizes the pty of an exec'd tty process.
     pub fn resize(&self, pid: u32, rows: u32, cols: u32) -> Result<(), Status> {
         let pty = match self.lock().get(&pid) {

@@ -85,11 +85,12 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args> {
     Ok(a)
 }
 
-fn init_tracing() {
+fn init_tracing(ansi: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MICROBOX_AGENT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -105,7 +106,7 @@ fn main() {
     if std::process::id() == 1 {
         pid1_main()
     }
-    init_tracing();
+    init_tracing(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let args = match parse_args(std::env::args().skip(1)) {
         Ok(a) => a,
         Err(e) => {
@@ -131,7 +132,8 @@ fn pid1_main() -> ! {
         Ok(b) => b,
         Err(e) => init::fatal(&e),
     };
-    init_tracing();
+    // The console is a serial log: no colour escapes.
+    init_tracing(false);
     init::console(&format!(
         "box root ready at {}; serving on vsock port {}",
         booted.root.display(),
@@ -211,11 +213,26 @@ where
     }))
 }
 
+/// How long open calls may take to finish after a Shutdown.
+const GRACEFUL_STOP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs the server until it stops by itself or `deadline` fires.
+async fn bounded<E>(
+    server: impl std::future::Future<Output = Result<(), E>>,
+    deadline: impl std::future::Future<Output = ()>,
+) -> Result<(), E> {
+    tokio::select! {
+        r = server => r,
+        () = deadline => Ok(()),
+    }
+}
+
 async fn serve(listen: Listen, root: PathBuf, reap_all: bool) -> Result<()> {
     let reaper = reaper::Reaper::new(reap_all);
     tokio::spawn(reaper.clone().run());
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel(1);
     let svc = service::AgentService::new(root, reaper, shutdown_tx);
+    let procs = svc.procs();
     let (reporter, health) = health_reporter();
     reporter
         .set_serving::<AgentServer<service::AgentService>>()
@@ -229,10 +246,19 @@ async fn serve(listen: Listen, root: PathBuf, reap_all: bool) -> Result<()> {
         .initial_connection_window_size(Some(4 << 20))
         .add_service(health)
         .add_service(AgentServer::new(svc));
+    // Shutdown: let the response reach the caller, then end the workloads so that their Exec
+    // streams finish, then stop serving. A graceful stop waits for open calls, so it is bounded.
+    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
     let stop = async move {
         let _ = shutdown_rx.recv().await;
-        // Let the Shutdown response reach the caller before connections are closed.
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        procs.signal_all(libc::SIGTERM);
+        let _ = stopping_tx.send(true);
+    };
+    let deadline = async move {
+        let _ = stopping_rx.wait_for(|s| *s).await;
+        tokio::time::sleep(GRACEFUL_STOP).await;
+        tracing::warn!("calls still open {GRACEFUL_STOP:?} after Shutdown; stopping anyway");
     };
     match listen {
         Listen::Unix(path) => {
@@ -246,7 +272,11 @@ async fn serve(listen: Listen, root: PathBuf, reap_all: bool) -> Result<()> {
                 let l = listener.clone();
                 async move { l.accept().await.map(|(s, _)| s) }
             });
-            let r = router.serve_with_incoming_shutdown(incoming, stop).await;
+            let r = bounded(
+                router.serve_with_incoming_shutdown(incoming, stop),
+                deadline,
+            )
+            .await;
             let _ = std::fs::remove_file(&path);
             r.context("serving gRPC")?;
         }
@@ -273,10 +303,12 @@ async fn serve(listen: Listen, root: PathBuf, reap_all: bool) -> Result<()> {
                 let l = listener.clone();
                 async move { l.accept().await.map(|(s, _)| VsockIo(s)) }
             });
-            router
-                .serve_with_incoming_shutdown(incoming, stop)
-                .await
-                .context("serving gRPC")?;
+            bounded(
+                router.serve_with_incoming_shutdown(incoming, stop),
+                deadline,
+            )
+            .await
+            .context("serving gRPC")?;
         }
     }
     tracing::info!("agent stopped");

@@ -29,6 +29,11 @@ pub struct AgentService {
 }
 
 impl AgentService {
+    /// The processes started by Exec (main signals them on shutdown).
+    pub fn procs(&self) -> Arc<ProcTable> {
+        self.exec.procs.clone()
+    }
+
     pub fn new(root: PathBuf, reaper: Arc<Reaper>, shutdown: mpsc::Sender<()>) -> Self {
         AgentService {
             exec: ExecContext {

@@ -60,6 +60,7 @@ impl Agent {
             .arg(root)
             // Must never leak into workloads.
             .env("MICROBOX_AGENT_SECRET", "leaked")
+            .env("MICROBOX_AGENT_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -296,6 +297,88 @@ async fn tty_exec_uses_a_terminal() {
         String::from_utf8_lossy(&out.stdout)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "33 101");
+}
+
+fn process_alive(pid: u32) -> bool {
+    // A reaped process has no /proc entry; a zombie would still show state Z.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+async fn wait_gone(pid: u32) -> bool {
+    for _ in 0..500 {
+        if !process_alive(pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caller_going_away_kills_the_process() {
+    let agent = Agent::start(Path::new("/")).await;
+    let c = agent.client().await;
+    let sess = c.exec_session(spec(&["sleep", "1000"])).await.unwrap();
+    let pid = sess.pid();
+    assert!(process_alive(pid));
+    drop(sess);
+    assert!(
+        wait_gone(pid).await,
+        "pid {pid} still running after the caller left"
+    );
+    assert!(c.health().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_child_holding_stdout_does_not_hang_exec() {
+    let agent = Agent::start(Path::new("/")).await;
+    let c = agent.client().await;
+    // The backgrounded sleep inherits stdout and keeps the pipe open after sh exits.
+    let mut sess = c
+        .exec_session(spec(&["sh", "-c", "sleep 60 & echo started"]))
+        .await
+        .unwrap();
+    let mut stdout = Vec::new();
+    let status = loop {
+        match sess.next_event().await.unwrap() {
+            Some(ExecEvent::Stdout(d)) => stdout.extend(d),
+            Some(ExecEvent::Exited(st)) => break st,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(
+        (stdout.as_slice(), status.exit_code),
+        (&b"started\n"[..], Some(0))
+    );
+    // Clean up the straggler: it is in the exec's own process group.
+    // SAFETY: kill(2) with a negative pid signals that process group; no memory involved.
+    unsafe { libc::kill(-(sess.pid() as i32), libc::SIGKILL) };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_running_workloads() {
+    let mut agent = Agent::start(Path::new("/")).await;
+    let c = agent.client().await;
+    let mut sess = c.exec_session(spec(&["sleep", "1000"])).await.unwrap();
+    let pid = sess.pid();
+    c.shutdown().await.unwrap();
+    // The open Exec call ends with the workload's death by SIGTERM.
+    match sess.next_event().await.unwrap() {
+        Some(ExecEvent::Exited(st)) => assert_eq!(st.signal, Some(15)),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(wait_gone(pid).await);
+    let mut exited = false;
+    for _ in 0..500 {
+        if agent.child.try_wait().unwrap().is_some() {
+            exited = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(exited, "agent still running after Shutdown");
 }
 
 /// A minimal image root: busybox, a passwd with a non-root user.
@@ -554,4 +637,104 @@ for svc in ("", "microbox.agent.v1.Agent"):
     );
     drop(bridge);
     assert!(!bridge_path.exists());
+}
+
+/// The same checks against an agent in a booted VM: set `MICROBOX_AGENT_TEST_VSOCK` to the VM's
+/// hybrid-vsock socket (vhost-device-vsock `uds-path`) and run with `--ignored`. The box needs
+/// sh, cat, sha256sum, sleep and stty (busybox is enough). With `MICROBOX_AGENT_TEST_SHUTDOWN=1`
+/// the VM is powered off at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs MICROBOX_AGENT_TEST_VSOCK: the hybrid-vsock socket of a booted box VM"]
+async fn real_vm_agent() {
+    let uds = PathBuf::from(
+        std::env::var_os("MICROBOX_AGENT_TEST_VSOCK")
+            .expect("MICROBOX_AGENT_TEST_VSOCK is not set"),
+    );
+    let c = AgentClient::connect_hybrid_vsock(&uds, 4088).await.unwrap();
+    assert!(c.health().await.unwrap());
+
+    let out = c
+        .exec_output(spec(&["sh", "-c", "echo out; echo err >&2; exit 3"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.stdout.as_slice(), out.stderr.as_slice()),
+        (&b"out\n"[..], &b"err\n"[..])
+    );
+    assert_eq!(out.exit_code, Some(3));
+
+    let mut s = spec(&["sh", "-c", "echo \"$FOO\"; pwd"]);
+    s.env.push("FOO=from host".into());
+    s.cwd = "/tmp".into();
+    let out = c.exec_output(s).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from host\n/tmp\n");
+
+    // 10 MB: uploaded with WriteFile, streamed back by cat, hash compared.
+    let data: Vec<u8> = (0..10 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    c.write_file("/tmp/blob", data.clone(), 0o644)
+        .await
+        .unwrap();
+    let out = c.exec_output(spec(&["cat", "/tmp/blob"])).await.unwrap();
+    assert_eq!(out.exit_code, Some(0));
+    assert_eq!(out.stdout.len(), data.len());
+    assert_eq!(Sha256::digest(&out.stdout), Sha256::digest(&data));
+
+    let input = b"stdin reaches the guest\n".repeat(1000);
+    let out = c
+        .exec_output_with_stdin(spec(&["sha256sum"]), input.clone())
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&hex::encode(Sha256::digest(&input))));
+
+    let e = c.exec_output(spec(&["no-such-program"])).await.unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::NotFound), "{e}");
+
+    let mut s = spec(&["stty", "size"]);
+    s.tty = true;
+    s.rows = 40;
+    s.cols = 120;
+    let out = c.exec_output(s).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "40 120");
+
+    let st = c.stats().await.unwrap();
+    assert!(st.mem_total_bytes > 0 && st.process_count > 0);
+
+    let e = c.attestation_report([0; 64]).await.unwrap_err();
+    assert!(
+        matches!(e.code(), Some(tonic::Code::FailedPrecondition)) || e.code().is_none(),
+        "{e}"
+    );
+
+    // Python grpcio through a bridge socket.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let bridge_path = dir.path().join("agent.sock");
+    let _bridge = serve_bridge(&bridge_path, &uds, 4088).await.unwrap();
+    let bp = bridge_path.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import sys, grpc\nfrom grpc_health.v1 import health_pb2 as p, health_pb2_grpc as g\n\
+                 ch = grpc.insecure_channel('unix:' + sys.argv[1], options=[('grpc.default_authority', 'localhost')])\n\
+                 print(p.HealthCheckResponse.ServingStatus.Name(g.HealthStub(ch).Check(p.HealthCheckRequest(), timeout=30).status))",
+            )
+            .arg(&bp)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "SERVING\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    if std::env::var_os("MICROBOX_AGENT_TEST_SHUTDOWN").is_some() {
+        c.shutdown().await.unwrap();
+    }
 }
