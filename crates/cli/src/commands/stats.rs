@@ -1,0 +1,135 @@
+//! `stats`: a live table of boxes. Host side: CPU% and RSS summed over the box's processes
+//! (VMM and helpers) from /proc; guest side: memory in use and process count from the agent.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use microbox_runtime::agent_client::AgentClient;
+
+use super::Ctx;
+use crate::boxes::BoxRecord;
+
+/// (utime + stime) in clock ticks and RSS in bytes of one process.
+fn proc_usage(pid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    Some((ticks, rss_kb * 1024))
+}
+
+fn box_usage(rec: &BoxRecord) -> (u64, u64) {
+    rec.pids
+        .values()
+        .filter_map(|p| proc_usage(*p))
+        .fold((0, 0), |(t, r), (t2, r2)| (t + t2, r + r2))
+}
+
+struct Row {
+    name: String,
+    id: String,
+    cpu_pct: f64,
+    rss: u64,
+    guest_used: Option<u64>,
+    guest_total: Option<u64>,
+    procs: Option<u32>,
+}
+
+pub fn stats(ctx: &Ctx, keys: &[String], no_stream: bool) -> Result<()> {
+    let store = ctx.boxes()?;
+    let rt = ctx.tokio()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let live = !no_stream && std::io::stdout().is_terminal();
+    let mut last: HashMap<String, (u64, Instant)> = HashMap::new();
+    loop {
+        let recs: Vec<BoxRecord> = if keys.is_empty() {
+            store
+                .list()?
+                .into_iter()
+                .map(|r| store.observe(r))
+                .filter(|r| r.state.is_running())
+                .collect()
+        } else {
+            keys.iter()
+                .map(|k| store.resolve(k).map(|r| store.observe(r)))
+                .collect::<Result<_>>()?
+        };
+        // First sample for CPU%: measure over a short interval.
+        if last.is_empty() {
+            for r in &recs {
+                last.insert(r.id.to_string(), (box_usage(r).0, Instant::now()));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let mut rows = Vec::new();
+        for r in &recs {
+            let (ticks, rss) = box_usage(r);
+            let now = Instant::now();
+            let (prev, at) = last.get(r.id.as_str()).copied().unwrap_or((ticks, now));
+            let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+            let cpu_pct = (ticks.saturating_sub(prev) as f64 / hz) / secs * 100.0;
+            last.insert(r.id.to_string(), (ticks, now));
+            let guest = match (&r.agent_socket, r.state.is_running()) {
+                (Some(sock), true) => rt.block_on(async {
+                    let c = AgentClient::connect_unix(sock).await.ok()?;
+                    c.stats().await.ok()
+                }),
+                _ => None,
+            };
+            rows.push(Row {
+                name: r.name.clone(),
+                id: r.id.short().to_string(),
+                cpu_pct,
+                rss,
+                guest_used: guest
+                    .as_ref()
+                    .map(|g| g.mem_total_bytes.saturating_sub(g.mem_available_bytes)),
+                guest_total: guest.as_ref().map(|g| g.mem_total_bytes),
+                procs: guest.as_ref().map(|g| g.process_count),
+            });
+        }
+        let mut out = std::io::stdout().lock();
+        if live {
+            write!(out, "\x1b[2J\x1b[H")?;
+        }
+        writeln!(
+            out,
+            "{:<12}  {:<20}  {:>7}  {:>10}  {:>21}  {:>5}",
+            "BOX ID", "NAME", "CPU %", "HOST RSS", "GUEST MEM USED/TOTAL", "PIDS"
+        )?;
+        let hb = |b: u64| indicatif::HumanBytes(b).to_string();
+        for row in &rows {
+            let guest = match (row.guest_used, row.guest_total) {
+                (Some(u), Some(t)) => format!("{} / {}", hb(u), hb(t)),
+                _ => "-".into(),
+            };
+            writeln!(
+                out,
+                "{:<12}  {:<20}  {:>6.1}%  {:>10}  {:>21}  {:>5}",
+                row.id,
+                row.name,
+                row.cpu_pct,
+                hb(row.rss),
+                guest,
+                row.procs
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "-".into())
+            )?;
+        }
+        out.flush()?;
+        if !live {
+            return Ok(());
+        }
+        drop(out);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,337 @@
+//! End-to-end tests of the `microbox` binary against real microVMs (QEMU, TCG where KVM is not
+//! usable) and images pulled from the real registry of the shared harness.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use microbox_testsupport as ts;
+
+struct Env {
+    root: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env {
+            root: tempfile::Builder::new()
+                .prefix("mbx-cli-")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_microbox"));
+        c.args(args).env("MICROBOX_ROOT", self.root.path());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let out = self.cmd(args).stdin(Stdio::null()).output().unwrap();
+        eprintln!(
+            "$ microbox {}\n-> {:?}\nstdout: {}\nstderr: {}",
+            args.join(" "),
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "microbox {args:?} failed");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn inspect(&self, name: &str) -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(&self.ok(&["inspect", name])).unwrap();
+        v[0].clone()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Whatever a failed test left: stop it, so no VM outlives the test.
+        let _ = self.cmd(&["rm", "-f"]).output();
+        if let Ok(out) = self.cmd(&["ps", "-aq"]).output() {
+            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = self.cmd(&["rm", "-f", id]).output();
+            }
+        }
+    }
+}
+
+/// Processes whose command line mentions `dir` (the box's directory): QEMU and its helpers.
+fn processes_mentioning(dir: &Path) -> Vec<u32> {
+    let needle = dir.as_os_str().as_encoded_bytes().to_vec();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| c.windows(needle.len()).any(|w| w == needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[test]
+fn run_streams_output_and_returns_the_exit_code() {
+    let env = Env::new();
+    let img = ts::image("busybox");
+    let out = env.run(&[
+        "run",
+        "--rm",
+        &img,
+        "sh",
+        "-c",
+        "echo to-out; echo to-err >&2; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "to-out\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("to-err\n"));
+    // --rm: nothing left.
+    assert_eq!(env.ok(&["ps", "-aq"]).trim(), "");
+    // A missing command is 127, like Docker.
+    let out = env.run(&["run", "--rm", &img, "/no/such/thing"]);
+    assert_eq!(out.status.code(), Some(127));
+}
+
+#[test]
+fn detached_box_ps_logs_exec_stop_rm() {
+    let env = Env::new();
+    let img = ts::image("busybox");
+    let id = env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        &img,
+        "sh",
+        "-c",
+        "echo started; exec sleep 1000",
+    ]);
+    let id = id.trim();
+    assert_eq!(id.len(), 32, "run -d prints the id: {id:?}");
+
+    let ps = env.ok(&["ps"]);
+    assert!(ps.contains("web") && ps.contains(&id[..12]), "{ps}");
+
+    // By name, by prefix.
+    assert_eq!(env.ok(&["exec", "web", "echo", "hi"]), "hi\n");
+    let hostname = env.ok(&["exec", &id[..8], "cat", "/etc/hostname"]);
+    assert!(!hostname.trim().is_empty(), "{hostname:?}");
+    let out = env.run(&["exec", "web", "sh", "-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7));
+    let out = env.run(&["exec", "web", "/nope"]);
+    assert_eq!(out.status.code(), Some(127));
+
+    // The workload's output is in the log.
+    let mut logs = String::new();
+    for _ in 0..50 {
+        logs = env.ok(&["logs", "web"]);
+        if logs.contains("started") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(logs, "started\n");
+
+    let info = env.inspect("web");
+    assert_eq!(info["state"], "ready");
+    let sock = PathBuf::from(info["agent_socket"].as_str().unwrap());
+    assert!(sock.exists(), "agent socket {sock:?}");
+    let box_dir = PathBuf::from(info["box_dir"].as_str().unwrap());
+    assert!(!processes_mentioning(&box_dir).is_empty(), "the VM runs");
+
+    env.ok(&["stop", "-t", "2", "web"]);
+    let info = env.inspect("web");
+    assert_eq!(info["state"], "stopped");
+    assert!(
+        processes_mentioning(&box_dir).is_empty(),
+        "stop leaves no process"
+    );
+    env.ok(&["rm", "web"]);
+    assert!(!box_dir.exists());
+    let out = env.run(&["inspect", "web"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "microbox: no such box 'web' (see: microbox ps -a)"
+    );
+}
+
+#[test]
+fn two_clis_racing_for_one_name_one_wins() {
+    let env = Env::new();
+    let img = ts::image("busybox");
+    env.ok(&["pull", &img]);
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            env.cmd(&["create", "--name", "same", &img, "true"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<Output> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let wins = outs.iter().filter(|o| o.status.success()).count();
+    assert_eq!(wins, 1, "exactly one create wins");
+    let loser = outs.iter().find(|o| !o.status.success()).unwrap();
+    let err = String::from_utf8_lossy(&loser.stderr);
+    assert!(err.contains("name 'same' is already used"), "{err}");
+    env.ok(&["rm", "same"]);
+}
+
+#[test]
+fn a_killed_supervisor_shows_stopped_and_rm_cleans_up() {
+    let env = Env::new();
+    let img = ts::image("busybox");
+    env.ok(&["run", "-d", "--name", "victim", &img, "sleep", "1000"]);
+    let info = env.inspect("victim");
+    let sup = info["pids"]["supervisor"].as_u64().unwrap() as i32;
+    let box_dir = PathBuf::from(info["box_dir"].as_str().unwrap());
+    // SAFETY: plain kill(2) of a process this test started through the CLI.
+    assert_eq!(unsafe { libc::kill(sup, libc::SIGKILL) }, 0);
+    let mut state = String::new();
+    for _ in 0..50 {
+        state = env.inspect("victim")["state"].as_str().unwrap().to_owned();
+        if state == "stopped" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(state, "stopped");
+    let reason = env.inspect("victim")["reason"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(reason.contains("supervisor"), "{reason}");
+    env.ok(&["rm", "victim"]);
+    // Helpers die with their supervisor (parent-death signal) or are killed by rm.
+    for _ in 0..50 {
+        if processes_mentioning(&box_dir).is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(processes_mentioning(&box_dir).is_empty());
+}
+
+fn metric_value(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn metrics_are_valid_prometheus_and_count_boots_execs_and_events() {
+    let env = Env::new();
+    let img = ts::image("busybox");
+    let before = env.ok(&["metrics"]);
+    let boots_before = metric_value(
+        &before,
+        "microbox_boot_duration_seconds_count{phase=\"agent_ready\"}",
+    );
+
+    env.ok(&["run", "-d", "--name", "m", &img, "sleep", "1000"]);
+    env.ok(&["exec", "m", "true"]);
+    let text = env.ok(&["metrics"]);
+    let boots = metric_value(
+        &text,
+        "microbox_boot_duration_seconds_count{phase=\"agent_ready\"}",
+    );
+    assert_eq!(boots, boots_before + 1.0, "{text}");
+    assert!(
+        text.contains("microbox_boxes{state=\"ready\"} 1")
+            || text.contains("microbox_boxes{state=\"busy\"} 1"),
+        "{text}"
+    );
+    assert!(
+        metric_value(&text, "microbox_image_pulls_total") >= 1.0,
+        "{text}"
+    );
+    let rss_line = text
+        .lines()
+        .find(|l| l.starts_with("microbox_box_host_rss_bytes{"))
+        .expect("per-box RSS");
+    assert!(
+        metric_value(rss_line, "microbox_box_host_rss_bytes") > 0.0,
+        "{rss_line}"
+    );
+
+    // promtool (Debian's prometheus package) validates the exposition.
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (apt-get install prometheus)");
+    use std::io::Write;
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // stats --no-stream shows the box with non-zero guest memory.
+    let stats = env.ok(&["stats", "--no-stream"]);
+    let row = stats
+        .lines()
+        .find(|l| l.contains(" m "))
+        .unwrap_or_else(|| panic!("{stats}"));
+    assert!(!row.contains(" - "), "guest memory shown: {row}");
+
+    env.ok(&["rm", "-f", "m"]);
+
+    // The events of that run, in order, with every boot phase.
+    let events = env.ok(&["events", "--format", "json", "--until", "0s"]);
+    let evs: Vec<serde_json::Value> = events
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // In log order, time never goes backwards (seq orders the events of one emitter).
+    let times: Vec<u64> = evs.iter().map(|e| e["time_ms"].as_u64().unwrap()).collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "in order: {times:?}"
+    );
+    let phases: Vec<&str> = evs
+        .iter()
+        .filter(|e| e["type"] == "boot_phase")
+        .map(|e| e["phase"].as_str().unwrap())
+        .collect();
+    for p in [
+        "image",
+        "rootfs",
+        "boot_assets",
+        "vmm_spawn",
+        "kernel_boot",
+        "agent_ready",
+    ] {
+        assert!(phases.contains(&p), "phase {p} in {phases:?}");
+    }
+    assert!(evs.iter().any(|e| e["type"] == "exec_finished"), "{events}");
+    assert!(
+        evs.iter()
+            .any(|e| e["type"] == "state_changed" && e["to"] == "stopped"),
+        "{events}"
+    );
+}
