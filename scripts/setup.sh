@@ -42,10 +42,11 @@ cargo_tool() { # name version binary
 cargo_tool virtiofsd 1.14.0 virtiofsd
 cargo_tool vhost-device-vsock 0.3.0 vhost-device-vsock
 
-# A standard gRPC health client for the agent tests (grpc.health.v1).
-if ! python3 -c 'import grpc, grpc_health.v1' 2>/dev/null; then
-  log "pip install grpcio grpcio-health-checking"
-  python3 -m pip install --quiet grpcio grpcio-health-checking
+# A standard gRPC health client for the agent tests (grpc.health.v1), and AMD's reference
+# SEV-SNP launch-digest tool that our measurement is tested against.
+if ! python3 -c 'import grpc, grpc_health.v1' 2>/dev/null || ! command -v sev-snp-measure >/dev/null; then
+  log "pip install grpcio grpcio-health-checking sev-snp-measure"
+  python3 -m pip install --quiet --root-user-action=ignore grpcio grpcio-health-checking sev-snp-measure
 fi
 
 [ "${1:-}" = "--deps" ] && exit 0

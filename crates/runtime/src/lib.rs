@@ -7,19 +7,21 @@
 
 pub mod accel;
 pub mod agent_client;
+mod agent_link;
 pub mod assets;
+pub mod error;
 pub mod eventlog;
 pub mod hypervisor;
+mod image_source;
+mod manager;
 pub mod metrics;
 pub mod paths;
 pub mod process;
 pub mod vsock;
-mod agent_link;
-pub mod error;
-mod image_source;
-mod manager;
 
 pub use accel::{Accel, AccelDecision};
 pub use error::RuntimeError;
 pub use hypervisor::krun::shim_main_if_requested;
-pub use manager::{BootReport, CompactReport, ExecGuard, ExecRequest, ExecResult, ResolvedExec, VmManager};
+pub use manager::{
+    BootReport, CompactReport, ExecGuard, ExecRequest, ExecResult, ResolvedExec, VmManager,
+};
