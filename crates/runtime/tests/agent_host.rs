@@ -642,7 +642,8 @@ for svc in ("", "microbox.agent.v1.Agent"):
 /// The same checks against an agent in a booted VM: set `MICROBOX_AGENT_TEST_VSOCK` to the VM's
 /// hybrid-vsock socket (vhost-device-vsock `uds-path`) and run with `--ignored`. The box needs
 /// sh, cat, sha256sum, sleep and stty (busybox is enough). With `MICROBOX_AGENT_TEST_SHUTDOWN=1`
-/// the VM is powered off at the end.
+/// the VM is powered off at the end; `MICROBOX_AGENT_TEST_SCRIPT` adds a shell check run in the
+/// box. `crates/agent/scripts/vm-smoke.sh` boots such a VM and runs this test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs MICROBOX_AGENT_TEST_VSOCK: the hybrid-vsock socket of a booted box VM"]
 async fn real_vm_agent() {
@@ -650,8 +651,23 @@ async fn real_vm_agent() {
         std::env::var_os("MICROBOX_AGENT_TEST_VSOCK")
             .expect("MICROBOX_AGENT_TEST_VSOCK is not set"),
     );
-    let c = AgentClient::connect_hybrid_vsock(&uds, 4088).await.unwrap();
-    assert!(c.health().await.unwrap());
+    // The VM may still be booting: retry until SERVING (bounded).
+    let mut last = String::new();
+    let mut client = None;
+    for _ in 0..600 {
+        match AgentClient::connect_hybrid_vsock(&uds, 4088).await {
+            Ok(c) => match c.health().await {
+                Ok(true) => {
+                    client = Some(c);
+                    break;
+                }
+                other => last = format!("{other:?}"),
+            },
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let c = client.unwrap_or_else(|| panic!("agent never became SERVING: {last}"));
 
     let out = c
         .exec_output(spec(&["sh", "-c", "echo out; echo err >&2; exit 3"]))
@@ -733,6 +749,20 @@ async fn real_vm_agent() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // Extra checks of the box set-up (volumes, network, hostname), as a shell script that must
+    // exit 0 inside the box.
+    if let Ok(script) = std::env::var("MICROBOX_AGENT_TEST_SCRIPT") {
+        let out = c.exec_output(spec(&["sh", "-c", &script])).await.unwrap();
+        println!("{}", String::from_utf8_lossy(&out.stdout));
+        assert_eq!(
+            out.exit_code,
+            Some(0),
+            "MICROBOX_AGENT_TEST_SCRIPT failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     if std::env::var_os("MICROBOX_AGENT_TEST_SHUTDOWN").is_some() {
         c.shutdown().await.unwrap();
