@@ -264,6 +264,33 @@ pub fn render(events: &[EventRecord], pulls: &[PullRecord], boxes: &[BoxSample])
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &reg);
+    openmetrics_to_prometheus(&out)
+}
+
+/// Rewrites prometheus-client's OpenMetrics text as the classic Prometheus text format (0.0.4),
+/// which every Prometheus and `promtool check metrics` accept: a counter's HELP/TYPE lines name
+/// the `_total` series, and the `# EOF` / `# UNIT` lines go.
+pub fn openmetrics_to_prometheus(text: &str) -> String {
+    let counters: std::collections::HashSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let rewritten = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(rewritten.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
     out
 }
 
@@ -346,8 +373,11 @@ mod tests {
             "microbox_layer_cache_hits_total 1",
             "microbox_layer_cache_misses_total 2",
             "microbox_box_host_rss_bytes{box=",
+            "# TYPE microbox_execs_total counter",
+            "# HELP microbox_execs_total ",
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }
+        assert!(!text.contains("# EOF"));
     }
 }

@@ -157,11 +157,7 @@ pub fn metrics(ctx: &Ctx, listen: Option<&str>) -> Result<()> {
         let path = req.split_whitespace().nth(1).unwrap_or("");
         let (status, body, ctype) = if path == "/metrics" {
             match gather(ctx, &rt) {
-                Ok(b) => (
-                    "200 OK",
-                    b,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
+                Ok(b) => ("200 OK", b, "text/plain; version=0.0.4; charset=utf-8"),
                 Err(e) => (
                     "500 Internal Server Error",
                     format!("{e:#}\n"),
