@@ -335,3 +335,93 @@ fn metrics_are_valid_prometheus_and_count_boots_execs_and_events() {
         "{events}"
     );
 }
+
+#[test]
+fn volumes_are_writable_both_ways_and_ro_refuses_writes() {
+    let env = Env::new();
+    let img = ts::image("busybox");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in"), "from-host\n").unwrap();
+    let vol = format!("{}:/data", dir.path().display());
+    let out = env.ok(&[
+        "run",
+        "--rm",
+        "-v",
+        &vol,
+        &img,
+        "sh",
+        "-c",
+        "cat /data/in; echo from-box > /data/out",
+    ]);
+    assert_eq!(out, "from-host\n");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("out")).unwrap(),
+        "from-box\n"
+    );
+
+    let ro = format!("{vol}:ro");
+    let out = env.run(&[
+        "run",
+        "--rm",
+        "-v",
+        &ro,
+        &img,
+        "sh",
+        "-c",
+        "cat /data/in && echo x > /data/nope",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from-host\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Read-only file system"));
+    assert!(!dir.path().join("nope").exists());
+
+    // A missing host directory fails before anything boots.
+    let out = env.run(&["run", "--rm", "-v", "/no/such/dir:/data", &img, "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/dir"));
+}
+
+#[test]
+fn cp_in_and_out_is_byte_identical() {
+    let env = Env::new();
+    let img = ts::image("busybox");
+    env.ok(&["run", "-d", "--name", "cpbox", &img, "sleep", "1000"]);
+    let host = tempfile::tempdir().unwrap();
+    let blob: Vec<u8> = (0..300_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(host.path().join("blob"), &blob).unwrap();
+    std::fs::create_dir_all(host.path().join("tree/sub")).unwrap();
+    std::fs::write(host.path().join("tree/sub/a"), "a\n").unwrap();
+    std::os::unix::fs::symlink("sub/a", host.path().join("tree/link")).unwrap();
+
+    env.ok(&[
+        "cp",
+        &host.path().join("blob").to_string_lossy(),
+        "cpbox:/tmp/blob",
+    ]);
+    env.ok(&[
+        "cp",
+        &host.path().join("tree").to_string_lossy(),
+        "cpbox:/srv/tree",
+    ]);
+    assert_eq!(env.ok(&["exec", "cpbox", "cat", "/srv/tree/link"]), "a\n");
+
+    let back = tempfile::tempdir().unwrap();
+    env.ok(&[
+        "cp",
+        "cpbox:/tmp/blob",
+        &back.path().join("blob").to_string_lossy(),
+    ]);
+    env.ok(&["cp", "cpbox:/srv/tree", &back.path().to_string_lossy()]);
+    assert_eq!(std::fs::read(back.path().join("blob")).unwrap(), blob);
+    assert_eq!(
+        std::fs::read_to_string(back.path().join("tree/sub/a")).unwrap(),
+        "a\n"
+    );
+    assert_eq!(
+        std::fs::read_link(back.path().join("tree/link")).unwrap(),
+        PathBuf::from("sub/a")
+    );
+    env.ok(&["rm", "-f", "cpbox"]);
+}
