@@ -10,6 +10,7 @@ pub mod auth;
 mod docs;
 mod error;
 pub mod extract;
+mod import;
 mod progress;
 mod pull;
 pub mod reference;

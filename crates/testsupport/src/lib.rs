@@ -40,33 +40,60 @@ const BUSYBOX_RECIPE: &str = include_str!("recipes/busybox.sh");
 const MULTI_1: &str = include_str!("recipes/multilayer-1.sh");
 const MULTI_2: &str = include_str!("recipes/multilayer-2.sh");
 const MULTI_3: &str = include_str!("recipes/multilayer-3.sh");
+const DEBIAN_PYTHON: &str = include_str!("recipes/debian-python.sh");
+/// How the benchmark's Debian rootfs is made (cached separately: it needs the network).
+const DEBOOTSTRAP: &[&str] = &["--variant=minbase", "--include=python3-minimal", "bookworm"];
 /// Bump to force a rebuild when the Rust-side build steps (not the scripts) change.
 const BUILDER_VERSION: &str = "2";
 
 static REGISTRY: OnceLock<Registry> = OnceLock::new();
-static CHILD: Mutex<Option<Child>> = Mutex::new(None);
-static TEMP_ROOT: Mutex<Option<PathBuf>> = Mutex::new(None);
+static AUTH_REGISTRY: OnceLock<Registry> = OnceLock::new();
+static CHILDREN: Mutex<Vec<Child>> = Mutex::new(Vec::new());
+static TEMP_ROOTS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+static ATEXIT: std::sync::Once = std::sync::Once::new();
+
+/// User of [`registry_with_basic_auth`].
+pub const AUTH_USER: &str = "microbox";
+/// Password of [`registry_with_basic_auth`].
+pub const AUTH_PASSWORD: &str = "test-password";
+/// bcrypt of AUTH_PASSWORD (docker-registry's htpasswd accepts only bcrypt).
+const AUTH_HTPASSWD: &str = "microbox:$2b$12$r3LF8o7z7hl83BOY0FEDJeyCeaV2njuteMgla1Df7z3vmidLrWDsq";
 static PUSHED: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
 
 /// The process-wide registry, started on first use.
 pub fn registry() -> &'static Registry {
-    REGISTRY.get_or_init(start_registry)
+    REGISTRY.get_or_init(|| start_registry(false))
 }
 
-fn start_registry() -> Registry {
+/// A second process-wide registry that requires HTTP basic auth
+/// ([`AUTH_USER`]/[`AUTH_PASSWORD`]); empty until a test pushes to it.
+pub fn registry_with_basic_auth() -> &'static Registry {
+    AUTH_REGISTRY.get_or_init(|| start_registry(true))
+}
+
+fn start_registry(basic_auth: bool) -> Registry {
     require_tool("docker-registry", "apt-get install docker-registry");
     let tmp = tempfile::Builder::new()
         .prefix("microbox-registry-")
         .tempdir()
         .expect("create registry temp dir")
         .keep();
-    *TEMP_ROOT.lock().unwrap() = Some(tmp.clone());
+    TEMP_ROOTS.lock().unwrap().push(tmp.clone());
     let storage = tmp.join("storage");
     fs::create_dir_all(&storage).unwrap();
-
-    // SAFETY: registering a plain `extern "C" fn` with atexit; it only touches statics.
-    unsafe {
-        libc::atexit(cleanup_at_exit);
+    ATEXIT.call_once(|| {
+        // SAFETY: registering a plain `extern "C" fn` with atexit; it only touches statics.
+        unsafe {
+            libc::atexit(cleanup_at_exit);
+        }
+    });
+    let mut auth = String::new();
+    if basic_auth {
+        fs::write(tmp.join("htpasswd"), format!("{AUTH_HTPASSWD}\n")).unwrap();
+        auth = format!(
+            "auth:\n  htpasswd:\n    realm: microbox-test\n    path: {}\n",
+            tmp.join("htpasswd").display()
+        );
     }
 
     let mut last_err = String::new();
@@ -79,7 +106,7 @@ fn start_registry() -> Registry {
             format!(
                 "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-                 http:\n  addr: {addr}\n",
+                 http:\n  addr: {addr}\n{auth}",
                 storage.display()
             ),
         )
@@ -93,7 +120,8 @@ fn start_registry() -> Registry {
                 .stdout(log.try_clone().unwrap())
                 .stderr(log),
         );
-        *CHILD.lock().unwrap() = Some(child);
+        let pid = child.id();
+        CHILDREN.lock().unwrap().push(child);
         match wait_for_v2(&addr, Duration::from_secs(20)) {
             Ok(()) => return Registry { addr, storage },
             Err(e) => {
@@ -101,7 +129,7 @@ fn start_registry() -> Registry {
                     "{e}; registry log:\n{}",
                     fs::read_to_string(tmp.join("registry.log")).unwrap_or_default()
                 );
-                kill_child();
+                kill_children(Some(pid));
             }
         }
     }
@@ -154,20 +182,25 @@ fn spawn_owned(cmd: &mut Command) -> Child {
 }
 
 extern "C" fn cleanup_at_exit() {
-    kill_child();
-    if let Ok(mut t) = TEMP_ROOT.lock() {
-        if let Some(dir) = t.take() {
+    kill_children(None);
+    if let Ok(mut t) = TEMP_ROOTS.lock() {
+        for dir in t.drain(..) {
             let _ = fs::remove_dir_all(dir);
         }
     }
 }
 
-fn kill_child() {
-    if let Ok(mut c) = CHILD.lock() {
-        if let Some(mut child) = c.take() {
+/// Kills (and reaps) our registry with `pid`, or all of them.
+fn kill_children(pid: Option<u32>) {
+    if let Ok(mut c) = CHILDREN.lock() {
+        c.retain_mut(|child| {
+            if pid.is_some_and(|p| p != child.id()) {
+                return true;
+            }
             let _ = child.kill();
             let _ = child.wait();
-        }
+            false
+        });
     }
 }
 
@@ -183,7 +216,8 @@ fn wait_for_v2(addr: &str, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
         match http_get_status(addr, "/v2/") {
-            Ok(200) => return Ok(()),
+            // 401: a registry with auth is up too.
+            Ok(200) | Ok(401) => return Ok(()),
             Ok(code) => return Err(format!("GET /v2/ answered {code}")),
             Err(e) if Instant::now() > deadline => return Err(format!("GET /v2/: {e}")),
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
@@ -232,8 +266,19 @@ pub fn push_layout(layout: &Path, tag: &str, repo_and_tag: &str) -> String {
 /// [`push_layout`] with extra `skopeo copy` flags, e.g. `--format v2s2` (Docker schema 2),
 /// `--dest-compress-format zstd`, `--dest-decompress`.
 pub fn push_layout_with(layout: &Path, tag: &str, repo_and_tag: &str, extra: &[&str]) -> String {
+    push_layout_to(registry(), layout, tag, repo_and_tag, extra)
+}
+
+/// Pushes to a given registry (e.g. [`registry_with_basic_auth`], with
+/// `--dest-creds microbox:test-password` in `extra`).
+pub fn push_layout_to(
+    reg: &Registry,
+    layout: &Path,
+    tag: &str,
+    repo_and_tag: &str,
+    extra: &[&str],
+) -> String {
     require_tool("skopeo", "apt-get install skopeo");
-    let reg = registry();
     let reference = format!("{}/{repo_and_tag}", reg.addr);
     run(Command::new("skopeo")
         .args([
@@ -257,7 +302,11 @@ pub fn layout(name: &str) -> PathBuf {
             format!("{BUILDER_VERSION}{MULTI_1}{MULTI_2}{MULTI_3}"),
             build_multilayer,
         ),
-        other => panic!("unknown test image {other:?}; known: {IMAGES:?}"),
+        "debian-python" => (
+            format!("{BUILDER_VERSION}{DEBIAN_PYTHON}{DEBOOTSTRAP:?}"),
+            build_debian_python,
+        ),
+        other => panic!("unknown test image {other:?}; known: {IMAGES:?} and debian-python"),
     };
     let busybox = fs::read("/bin/busybox")
         .unwrap_or_else(|e| panic!("read /bin/busybox ({e}); apt-get install busybox-static"));
@@ -339,6 +388,59 @@ fn build_multilayer(work: &Path) {
         "1000:1000",
     ]));
     let _ = fs::remove_dir_all(&stage);
+}
+
+/// Debian minbase + python3 (about 150 MB unpacked) in three layers, for benchmarks. The
+/// debootstrap output is cached in `target/microbox-testimages/debootstrap-<hash>/rootfs`.
+fn build_debian_python(work: &Path) {
+    require_tool_any(
+        "debootstrap",
+        &["/usr/sbin", "/sbin"],
+        "apt-get install debootstrap",
+    );
+    let mut h = Sha256::new();
+    h.update(format!("{DEBOOTSTRAP:?}").as_bytes());
+    let cache = cache_dir().join(format!("debootstrap-{}", hex::encode(&h.finalize()[..8])));
+    let rootfs = cache.join("rootfs");
+    if !cache.join("done").exists() {
+        let _ = Command::new("rm").arg("-rf").arg(&cache).status();
+        fs::create_dir_all(&cache).unwrap();
+        let mut cmd = Command::new("debootstrap");
+        cmd.env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .args(DEBOOTSTRAP)
+            .arg(&rootfs);
+        run(cmd.arg("http://deb.debian.org/debian"));
+        fs::write(cache.join("done"), b"").unwrap();
+    }
+    let oci = work.join("oci");
+    umoci_init(&oci);
+    run(Command::new("sh")
+        .arg("-c")
+        .arg(DEBIAN_PYTHON)
+        .arg("debian-python")
+        .arg(&rootfs)
+        .arg(work));
+    for l in ["l1.tar", "l2.tar", "l3.tar"] {
+        add_tar_layer(&oci, "latest", &work.join(l));
+        fs::remove_file(work.join(l)).unwrap();
+    }
+    let image = format!("{}:latest", oci.display());
+    run(Command::new("umoci").args([
+        "config",
+        "--image",
+        &image,
+        "--config.env",
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "--config.cmd",
+        "python3",
+    ]));
+}
+
+fn require_tool_any(tool: &str, extra_dirs: &[&str], hint: &str) {
+    if extra_dirs.iter().any(|d| Path::new(d).join(tool).is_file()) {
+        return;
+    }
+    require_tool(tool, hint);
 }
 
 fn umoci_init(oci: &Path) {

@@ -1,0 +1,120 @@
+//! Benchmark: pull + unpack a ~150 MB, three-layer Debian+python3 image from the local
+//! registry with microbox, against `skopeo copy` + `umoci unpack` of the same image in the
+//! same run; plus a second pull of the stored image and a cached `rootfs()`.
+//!
+//! Run: `cargo bench -p microbox-image --bench pull_unpack` (first run debootstraps, ~1 min).
+//! `MB_BENCH_ROUNDS` (default 3) rounds; the best of each is reported.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use microbox_image::{ImageStore, NoProgress, PullOptions};
+use microbox_testsupport as ts;
+
+fn main() {
+    let rounds: usize = std::env::var("MB_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    eprintln!("building/pushing the benchmark image (cached after the first run)...");
+    let layout = ts::layout("debian-python");
+    let reg = ts::registry();
+    let reference = ts::push_layout(&layout, "latest", "bench/debian-python:latest");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    let mut second = Vec::new();
+    let mut cached_rootfs = Vec::new();
+    let mut size = 0u64;
+    for round in 0..rounds {
+        // microbox: pull + materialise the rootfs.
+        let root = tempfile::tempdir_in(ts::target_dir()).unwrap();
+        let store = ImageStore::open(root.path()).unwrap();
+        let t = Instant::now();
+        let h = rt
+            .block_on(store.pull(&reference, &PullOptions::default(), &NoProgress))
+            .unwrap();
+        let t_pull = t.elapsed();
+        let rootfs = store.rootfs(&h).unwrap();
+        let t_ours = t.elapsed();
+        size = h.layers.iter().map(|l| l.size).sum();
+        assert!(
+            rootfs.join("usr/bin/python3").exists() || rootfs.join("usr/bin/python3.11").exists()
+        );
+
+        // Second pull of a stored image, and the cached rootfs.
+        let t = Instant::now();
+        rt.block_on(store.pull(&reference, &PullOptions::default(), &NoProgress))
+            .unwrap();
+        second.push(t.elapsed());
+        let t = Instant::now();
+        store.rootfs(&h).unwrap();
+        cached_rootfs.push(t.elapsed());
+
+        // skopeo copy + umoci unpack of the same image.
+        let work = tempfile::tempdir_in(ts::target_dir()).unwrap();
+        let t = Instant::now();
+        ts::run(
+            Command::new("skopeo")
+                .args([
+                    "copy",
+                    "--quiet",
+                    "--insecure-policy",
+                    "--src-tls-verify=false",
+                ])
+                .arg(format!("docker://{reference}"))
+                .arg(format!("oci:{}:latest", work.path().join("oci").display())),
+        );
+        let t_copy = t.elapsed();
+        ts::run(
+            Command::new("umoci")
+                .args(["unpack", "--image"])
+                .arg(format!("{}:latest", work.path().join("oci").display()))
+                .arg(work.path().join("bundle")),
+        );
+        let t_theirs = t.elapsed();
+        eprintln!(
+            "round {round}: microbox {:.3}s (pull {:.3}s + rootfs {:.3}s) | skopeo+umoci {:.3}s (copy {:.3}s + unpack {:.3}s)",
+            t_ours.as_secs_f64(),
+            t_pull.as_secs_f64(),
+            (t_ours - t_pull).as_secs_f64(),
+            t_theirs.as_secs_f64(),
+            t_copy.as_secs_f64(),
+            (t_theirs - t_copy).as_secs_f64()
+        );
+        ours.push(t_ours);
+        theirs.push(t_theirs);
+        drop(store);
+    }
+    let best = |v: &[Duration]| v.iter().min().copied().unwrap();
+    let (o, t) = (best(&ours), best(&theirs));
+    println!(
+        "image: {reference} ({:.1} MB compressed, 3 layers) via registry {}",
+        size as f64 / 1e6,
+        reg.addr
+    );
+    println!(
+        "microbox pull+unpack      : {:>8.3} s (best of {rounds})",
+        o.as_secs_f64()
+    );
+    println!(
+        "skopeo copy + umoci unpack: {:>8.3} s (best of {rounds})",
+        t.as_secs_f64()
+    );
+    println!(
+        "ratio (skopeo+umoci / microbox): {:.2}x",
+        t.as_secs_f64() / o.as_secs_f64()
+    );
+    println!(
+        "second pull of stored image: {:>8.1} ms (best of {rounds})",
+        best(&second).as_secs_f64() * 1e3
+    );
+    println!(
+        "cached rootfs() lookup      : {:>8.3} ms",
+        best(&cached_rootfs).as_secs_f64() * 1e3
+    );
+}
