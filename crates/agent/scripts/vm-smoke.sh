@@ -29,6 +29,9 @@ CARGO_TARGET_DIR=target/agent RUSTFLAGS="-C target-feature=+crt-static" \
   cargo build -q --release -p microbox-agent --target x86_64-unknown-linux-gnu
 AGENT=target/agent/x86_64-unknown-linux-gnu/release/microbox-agent
 
+# A persistent overlay upper (virtio-fs) unless SMOKE_TMPFS_UPPER=1.
+if [ "${SMOKE_TMPFS_UPPER:-0}" = 1 ]; then UPPER_TAG=null; else UPPER_TAG='"upper"'; fi
+
 # Initramfs: /init = agent, boot config, modules in dependency order.
 mkdir -p "$WORK/initrd/etc/microbox" "$WORK/initrd/lib/modules" "$WORK/initrd/dev"
 MODS=(drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_mmio
@@ -41,7 +44,7 @@ for m in "${MODS[@]}"; do
   LIST="$LIST\"/lib/modules/$(basename "$m").ko\","
 done
 cat > "$WORK/initrd/etc/microbox/boot.json" <<JSON
-{"hostname":"smokebox","modules":[${LIST%,}],"rootfs_tag":"rootfs","upper_tag":null,
+{"hostname":"smokebox","modules":[${LIST%,}],"rootfs_tag":"rootfs","upper_tag":${UPPER_TAG},
  "volumes":[{"tag":"vol0","guest_path":"/mnt/data","read_only":true}],
  "network":{"interface":"eth0","address_cidr":"10.0.2.15/24","gateway":"10.0.2.2","dns":["10.0.2.3"]},
  "vsock_port":4088}
@@ -51,7 +54,7 @@ mknod "$WORK/initrd/dev/console" c 5 1
 (cd "$WORK/initrd" && find . | cpio -o -H newc --quiet > "$WORK/initrd.cpio")
 
 # Image root and a volume.
-mkdir -p "$WORK/rootfs/bin" "$WORK/rootfs/etc" "$WORK/rootfs/tmp" "$WORK/vol"
+mkdir -p "$WORK/rootfs/bin" "$WORK/rootfs/etc" "$WORK/rootfs/tmp" "$WORK/vol" "$WORK/upper"
 cp /bin/busybox "$WORK/rootfs/bin/"
 for t in $(/bin/busybox --list); do [ "$t" = busybox ] || ln -sf busybox "$WORK/rootfs/bin/$t"; done
 echo "root:x:0:0:root:/root:/bin/sh" > "$WORK/rootfs/etc/passwd"
@@ -61,9 +64,12 @@ virtiofsd --socket-path="$WORK/fs.sock" --shared-dir="$WORK/rootfs" --cache=auto
 PIDS+=($!)
 virtiofsd --socket-path="$WORK/vol.sock" --shared-dir="$WORK/vol" --cache=auto >"$WORK/virtiofsd-vol.log" 2>&1 &
 PIDS+=($!)
+# overlayfs keeps whiteouts and opaque dirs in trusted.* xattrs on the upper: needs --xattr.
+virtiofsd --socket-path="$WORK/upper.sock" --shared-dir="$WORK/upper" --cache=auto --xattr >"$WORK/virtiofsd-upper.log" 2>&1 &
+PIDS+=($!)
 vhost-device-vsock --vm "guest-cid=3,socket=$WORK/vhost.sock,uds-path=$WORK/vsock.sock" >"$WORK/vsock.log" 2>&1 &
 PIDS+=($!)
-for s in fs.sock vol.sock vhost.sock; do
+for s in fs.sock vol.sock upper.sock vhost.sock; do
   for _ in $(seq 100); do [ -S "$WORK/$s" ] && break; sleep 0.05; done
 done
 
@@ -72,9 +78,10 @@ log "booting (TCG)"
 qemu-system-x86_64 -M microvm,memory-backend=mem \
   -object memory-backend-memfd,id=mem,size=256M,share=on -m 256M -smp 1 -cpu max \
   -kernel "$KERNEL" -initrd "$WORK/initrd.cpio" \
-  -append "console=ttyS0 tsc_early_khz=$KHZ panic=-1 quiet" -nographic -no-reboot \
+  -append "console=ttyS0 tsc_early_khz=$KHZ panic=-1 ${SMOKE_QUIET-quiet}" -nographic -no-reboot \
   -chardev "socket,id=fs0,path=$WORK/fs.sock" -device vhost-user-fs-device,chardev=fs0,tag=rootfs \
   -chardev "socket,id=fs1,path=$WORK/vol.sock" -device vhost-user-fs-device,chardev=fs1,tag=vol0 \
+  -chardev "socket,id=fs2,path=$WORK/upper.sock" -device vhost-user-fs-device,chardev=fs2,tag=upper \
   -chardev "socket,id=vs0,path=$WORK/vhost.sock" -device vhost-user-vsock-device,chardev=vs0 \
   -netdev user,id=n0 -device virtio-net-device,netdev=n0 \
   >"$WORK/console.log" 2>&1 </dev/null &
@@ -101,6 +108,9 @@ for _ in $(seq 100); do kill -0 "$QEMU" 2>/dev/null || break; sleep 0.1; done
 if kill -0 "$QEMU" 2>/dev/null; then log "VM did not power off after Shutdown"; status=1; fi
 # The image root must not have been written through the overlay.
 if [ -e "$WORK/rootfs/etc/overlay-upper" ]; then log "write leaked into the image lower dir"; status=1; fi
+if [ "$UPPER_TAG" != null ] && [ ! -e "$WORK/upper/upper/etc/overlay-upper" ]; then
+  log "the write did not persist in the virtio-fs upper dir"; status=1
+fi
 log "console:"; sed 's/^/  | /' "$WORK/console.log" | tail -15 >&2
 [ $status -eq 0 ] && log "PASS" || log "FAIL"
 exit $status

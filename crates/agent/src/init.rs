@@ -231,7 +231,17 @@ pub fn boot() -> Result<Booted, String> {
         upper.display(),
         work.display()
     );
-    mnt("overlay", &root, "overlay", MsFlags::empty(), Some(&opts))?;
+    if let Err(first) = mnt("overlay", &root, "overlay", MsFlags::empty(), Some(&opts)) {
+        // A virtio-fs upper usually cannot store trusted.* xattrs (virtiofsd filters them);
+        // overlayfs can keep its metadata in user.* xattrs instead (needs virtiofsd --xattr).
+        if config.upper_tag.is_none() {
+            return Err(first);
+        }
+        let with_user = format!("{opts},userxattr");
+        mnt("overlay", &root, "overlay", MsFlags::empty(), Some(&with_user)).map_err(|e| {
+            format!("{first}; retried with userxattr: {e} (is virtiofsd for the upper run with --xattr?)")
+        })?;
+    }
     mounts.push(root.clone());
 
     // What workloads expect inside their root.
