@@ -299,6 +299,51 @@ async fn tty_exec_uses_a_terminal() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "33 101");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tty_resize_in_band_and_by_rpc() {
+    let agent = Agent::start(Path::new("/")).await;
+    let c = agent.client().await;
+    let mut s = spec(&["sh", "-c", "read a; stty size; read b; stty size"]);
+    s.tty = true;
+    s.rows = 10;
+    s.cols = 20;
+    let mut sess = c.exec_session(s).await.unwrap();
+    sess.resize(30, 90).await.unwrap();
+    sess.write_stdin(b"\n".to_vec()).await.unwrap();
+    let mut out = Vec::new();
+    while !String::from_utf8_lossy(&out).contains("30 90") {
+        match sess.next_event().await.unwrap() {
+            Some(ExecEvent::Stdout(d)) => out.extend(d),
+            other => panic!(
+                "unexpected {other:?} after {:?}",
+                String::from_utf8_lossy(&out)
+            ),
+        }
+    }
+    c.resize_tty(sess.pid(), 50, 132).await.unwrap();
+    sess.write_stdin(b"\n".to_vec()).await.unwrap();
+    loop {
+        match sess.next_event().await.unwrap() {
+            Some(ExecEvent::Stdout(d)) => out.extend(d),
+            Some(ExecEvent::Exited(st)) => {
+                assert_eq!(st.exit_code, Some(0));
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        String::from_utf8_lossy(&out).contains("50 132"),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    // A non-tty process cannot be resized.
+    let plain = c.exec_session(spec(&["sleep", "30"])).await.unwrap();
+    let e = c.resize_tty(plain.pid(), 1, 1).await.unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::FailedPrecondition), "{e}");
+    c.signal(plain.pid(), 9, true).await.unwrap();
+}
+
 fn process_alive(pid: u32) -> bool {
     // A reaped process has no /proc entry; a zombie would still show state Z.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
