@@ -87,6 +87,15 @@ impl Extractor {
             entry: String::new(),
         };
         let reader = decompress(stream).map_err(|e| ctx0.err(format!("decompress: {e}")))?;
+        self.apply_tar(reader, layer)
+    }
+
+    /// Applies one uncompressed layer tar stream.
+    pub fn apply_tar<R: Read>(&self, reader: R, layer: &str) -> Result<()> {
+        let ctx0 = Ctx {
+            layer,
+            entry: String::new(),
+        };
         let mut archive = tar::Archive::new(reader);
         let mut written: HashSet<Vec<u8>> = HashSet::new();
         let mut dir_times: Vec<(Vec<u8>, Timestamps)> = Vec::new();
@@ -547,14 +556,78 @@ fn clear_opaque(
     Ok(())
 }
 
-/// Applies the layer blobs at `layers` (path, digest) in order onto `root`.
+/// Applies the layer blobs at `layers` (path, digest) in order onto `root`. Decompression
+/// runs on its own thread, one layer ahead, so it overlaps with the file-system work.
 pub fn apply_layers(root: &Path, layers: &[(PathBuf, String)]) -> Result<()> {
     let ex = Extractor::open(root)?;
-    for (path, digest) in layers {
-        let f = File::open(path).map_err(Error::io("open layer blob", path))?;
-        ex.apply_layer(f, digest)?;
+    std::thread::scope(|scope| {
+        let mut pending = Vec::new();
+        for (path, digest) in layers {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(16);
+            let path = path.clone();
+            scope.spawn(move || {
+                let run = || -> std::io::Result<()> {
+                    let mut r = decompress(File::open(&path)?)?;
+                    loop {
+                        let mut buf = vec![0u8; 1 << 20];
+                        let mut n = 0;
+                        while n < buf.len() {
+                            match r.read(&mut buf[n..])? {
+                                0 => break,
+                                k => n += k,
+                            }
+                        }
+                        if n == 0 {
+                            return Ok(());
+                        }
+                        buf.truncate(n);
+                        if tx.send(Ok(buf)).is_err() {
+                            return Ok(()); // extractor gave up
+                        }
+                    }
+                };
+                if let Err(e) = run() {
+                    let _ = tx.send(Err(e));
+                }
+            });
+            pending.push((rx, digest));
+        }
+        for (rx, digest) in pending {
+            let reader = ChunkReader {
+                rx,
+                cur: Vec::new(),
+                pos: 0,
+            };
+            ex.apply_tar(reader, digest)?;
+        }
+        Ok(())
+    })
+}
+
+/// Reads the chunks a decompression thread sends.
+struct ChunkReader {
+    rx: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(Ok(c)) => {
+                    self.cur = c;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
     }
-    Ok(())
 }
 
 #[cfg(test)]
