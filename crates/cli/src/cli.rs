@@ -107,6 +107,12 @@ pub enum Command {
         #[arg(name = "BOX")]
         target: String,
     },
+    /// List a box's published ports.
+    #[command(after_help = "Example:\n  microbox port web")]
+    Port {
+        #[arg(name = "BOX")]
+        target: String,
+    },
     /// Show everything known about a box, as JSON.
     #[command(after_help = "Example:\n  microbox inspect web")]
     Inspect {

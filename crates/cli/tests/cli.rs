@@ -425,3 +425,91 @@ fn cp_in_and_out_is_byte_identical() {
     );
     env.ok(&["rm", "-f", "cpbox"]);
 }
+
+#[test]
+fn networking_published_port_gateway_none_and_busy_port() {
+    let env = Env::new();
+    let img = ts::image("busybox");
+    let port = ts::free_port();
+    let publish = format!("{port}:80");
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "-p",
+        &publish,
+        &img,
+        "sh",
+        "-c",
+        "mkdir -p /www && echo hello-web > /www/index.html && exec httpd -f -p 80 -h /www",
+    ]);
+    assert_eq!(
+        env.ok(&["port", "web"]).trim(),
+        format!("80/tcp -> 127.0.0.1:{port}")
+    );
+    // busybox httpd needs a moment after the box is Ready.
+    let mut body = String::new();
+    for _ in 0..50 {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::{Read, Write};
+            let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+            body.clear();
+            let _ = s.read_to_string(&mut body);
+            if body.contains("hello-web") {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        body.starts_with("HTTP/1.") && body.contains("hello-web"),
+        "{body:?}"
+    );
+
+    // A box reaches a TCP server on the host's loopback through the gateway.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host_port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        use std::io::Write;
+        let (mut c, _) = listener.accept().unwrap();
+        c.write_all(b"from-host\n").unwrap();
+    });
+    let got = env.ok(&[
+        "exec",
+        "web",
+        "sh",
+        "-c",
+        &format!("nc 10.0.2.2 {host_port} </dev/null"),
+    ]);
+    assert_eq!(got, "from-host\n");
+    server.join().unwrap();
+
+    // A busy host port fails fast and clearly, and nothing is left behind.
+    let out = env.run(&[
+        "run", "--rm", "--name", "clash", "-p", &publish, &img, "true",
+    ]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot publish 127.0.0.1:{port}/tcp")),
+        "{err}"
+    );
+    assert!(
+        env.run(&["inspect", "clash"]).status.code() == Some(125),
+        "no box was created"
+    );
+    env.ok(&["rm", "-f", "web"]);
+
+    // --network none: loopback only.
+    let out = env.ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        &img,
+        "ls",
+        "/sys/class/net",
+    ]);
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["lo"]);
+}

@@ -24,6 +24,9 @@ pub fn run(ctx: &Ctx, args: RunArgs, start: bool) -> Result<()> {
     config
         .validate()
         .map_err(|e| UserError::new(e.to_string()))?;
+    if start {
+        check_ports_free(&config.ports)?;
+    }
     let rt = ctx.tokio()?;
     let image = rt.block_on(super::image::ensure(
         ctx,
@@ -663,6 +666,51 @@ fn box_config(args: &RunArgs) -> Result<BoxConfig> {
         c.ports.push(parse_port(p)?);
     }
     Ok(c)
+}
+
+/// Fails fast, before anything is created or booted, when a host port to publish is taken.
+/// (The VMM binds it for real moments later; this check turns the common mistake into a clear
+/// message instead of a failed boot.)
+pub fn check_ports_free(ports: &[PortMapping]) -> Result<()> {
+    for p in ports {
+        let addr = std::net::SocketAddr::new(p.host_ip, p.host_port);
+        let res = match p.protocol {
+            Protocol::Tcp => std::net::TcpListener::bind(addr).map(drop),
+            Protocol::Udp => std::net::UdpSocket::bind(addr).map(drop),
+        };
+        if let Err(e) = res {
+            let proto = if p.protocol == Protocol::Tcp {
+                "tcp"
+            } else {
+                "udp"
+            };
+            return Err(UserError::new(format!(
+                "cannot publish {addr}/{proto}: {e} (choose another host port: -p OTHER:{})",
+                p.guest_port
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// `microbox port BOX`: the published ports, as `GUEST/proto -> HOST_IP:HOST_PORT`.
+pub fn port(ctx: &Ctx, key: &str) -> Result<()> {
+    let store = ctx.boxes()?;
+    let rec = store.resolve(key)?;
+    for p in &rec.config.ports {
+        let proto = if p.protocol == Protocol::Tcp {
+            "tcp"
+        } else {
+            "udp"
+        };
+        println!(
+            "{}/{proto} -> {}",
+            p.guest_port,
+            std::net::SocketAddr::new(p.host_ip, p.host_port)
+        );
+    }
+    Ok(())
 }
 
 /// `HOST:GUEST[:ro|:rw]`. A missing host directory is an error (not created as Docker does):

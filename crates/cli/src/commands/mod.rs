@@ -62,6 +62,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             target,
         } => boxes::logs(&ctx, &target, follow, tail, timestamps, console),
         Command::Inspect { boxes } => boxes::inspect(&ctx, &boxes),
+        Command::Port { target } => lifecycle::port(&ctx, &target),
         Command::Cp { src, dst } => lifecycle::cp(&ctx, &src, &dst),
         Command::Wait { boxes } => boxes::wait(&ctx, &boxes),
         Command::Stats { no_stream, boxes } => lifecycle::stats(&ctx, &boxes, no_stream),
