@@ -29,29 +29,44 @@ async fn connect(endpoint: &AgentEndpoint) -> Result<AgentClient, String> {
 }
 
 impl AgentLink {
-    /// Connects and retries the health check until SERVING, the VMM exits or `deadline`.
-    pub(crate) async fn connect_healthy(
+    /// Retries connecting until the guest accepts on the agent port (the kernel booted and the
+    /// agent listens), the VMM exits or `deadline` passes.
+    pub(crate) async fn connect_when_listening(
         endpoint: &AgentEndpoint,
         exit: &tokio::sync::watch::Receiver<Option<ExitInfo>>,
         deadline: Instant,
     ) -> Result<Self, WaitError> {
-        let mut last;
         loop {
             if let Some(info) = exit.borrow().clone() {
                 return Err(WaitError::Exited(info.to_string()));
             }
-            match connect(endpoint).await {
-                Ok(c) => match c.health().await {
-                    Ok(true) => {
-                        return Ok(AgentLink {
-                            client: Arc::new(c),
-                        })
-                    }
-                    Ok(false) => last = "health check answered NOT_SERVING".into(),
-                    Err(e) => last = format!("health check failed: {e}"),
-                },
-                Err(e) => last = format!("connect failed: {e}"),
+            if let Ok(c) = connect(endpoint).await {
+                return Ok(AgentLink {
+                    client: Arc::new(c),
+                });
             }
+            if Instant::now() >= deadline {
+                return Err(WaitError::Timeout);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Retries the health check until SERVING, the VMM exits or `deadline` passes.
+    pub(crate) async fn wait_healthy(
+        &self,
+        exit: &tokio::sync::watch::Receiver<Option<ExitInfo>>,
+        deadline: Instant,
+    ) -> Result<(), WaitError> {
+        loop {
+            if let Some(info) = exit.borrow().clone() {
+                return Err(WaitError::Exited(info.to_string()));
+            }
+            let last = match self.client.health().await {
+                Ok(true) => return Ok(()),
+                Ok(false) => "health check answered NOT_SERVING".to_string(),
+                Err(e) => format!("health check failed: {e}"),
+            };
             if Instant::now() >= deadline {
                 return Err(WaitError::Agent(format!(
                     "not SERVING before the boot deadline: {last}"

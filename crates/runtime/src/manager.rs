@@ -21,7 +21,7 @@ use crate::accel::{self, Accel, AccelDecision};
 use crate::agent_link::AgentLink;
 use crate::assets::{agent, initramfs, kernel};
 use crate::error::{Result, RuntimeError};
-use crate::hypervisor::{self, tail_of, AgentEndpoint, Share, UserNet, VmHandle, VmSpec};
+use crate::hypervisor::{self, tail_of, Share, UserNet, VmHandle, VmSpec};
 use crate::image_source::{self, ImageInfo};
 use crate::paths::{default_root, BoxPaths, Paths};
 use crate::process::kill_stale_pidfiles;
@@ -470,21 +470,20 @@ impl VmManager {
         let deadline = boot_start + cfg.boot_timeout;
         let endpoint = vm.agent_endpoint();
         let exit = vm.vmm_exit();
-        let wait_res = wait_port(&endpoint, &exit, deadline).await;
-        if let Err(e) = wait_res {
-            vm.terminate(Duration::ZERO).await;
-            return Err(self.boot_failure(e, cfg.boot_timeout, "the agent's vsock port"));
-        }
-        phase_done(BootPhase::KernelBoot, &mut report);
-
-        // Agent ready: health SERVING.
-        let agent = match AgentLink::connect_healthy(&endpoint, &exit, deadline).await {
+        let agent = match AgentLink::connect_when_listening(&endpoint, &exit, deadline).await {
             Ok(a) => a,
             Err(e) => {
                 vm.terminate(Duration::ZERO).await;
-                return Err(self.boot_failure(e, cfg.boot_timeout, "the agent's health SERVING"));
+                return Err(self.boot_failure(e, cfg.boot_timeout, "the agent's vsock port"));
             }
         };
+        phase_done(BootPhase::KernelBoot, &mut report);
+
+        // Agent ready: health SERVING.
+        if let Err(e) = agent.wait_healthy(&exit, deadline).await {
+            vm.terminate(Duration::ZERO).await;
+            return Err(self.boot_failure(e, cfg.boot_timeout, "the agent's health SERVING"));
+        }
         phase_done(BootPhase::AgentReady, &mut report);
         let bridge = match crate::agent_link::Bridge::start(&bp.agent_socket(), &endpoint).await {
             Ok(b) => Some(b),
@@ -889,32 +888,6 @@ pub(crate) enum WaitError {
     Timeout,
     Exited(String),
     Agent(String),
-}
-
-/// Polls the agent endpoint until the guest accepts a connection on the agent port.
-async fn wait_port(
-    endpoint: &AgentEndpoint,
-    exit: &WatchRx,
-    deadline: Instant,
-) -> Result<(), WaitError> {
-    loop {
-        if let Some(info) = exit.borrow().clone() {
-            return Err(WaitError::Exited(info.to_string()));
-        }
-        let ok = match endpoint {
-            AgentEndpoint::HybridVsock { uds, port } => {
-                crate::vsock::connect_hybrid(uds, *port).await.is_ok()
-            }
-            AgentEndpoint::Unix(p) => tokio::net::UnixStream::connect(p).await.is_ok(),
-        };
-        if ok {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(WaitError::Timeout);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -98,7 +98,7 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>, kernel_vhost_vsock: bool) 
     match spec.accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         // A bounded translation cache keeps the idle RSS of TCG boxes predictable.
-        Accel::Tcg => push(&["-accel", "tcg,tb-size=64", "-cpu", "max"]),
+        Accel::Tcg => push(&["-accel", "tcg"]),
     }
     push(&[
         "-kernel",
