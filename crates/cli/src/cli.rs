@@ -236,6 +236,12 @@ pub enum ImageCommand {
     /// Materialise an image's root filesystem into a directory.
     #[command(after_help = "Example:\n  microbox image unpack busybox ./rootfs")]
     Unpack { reference: String, dest: PathBuf },
+    /// Import an OCI layout (directory or tar) or a `docker save` archive.
+    #[command(after_help = "Example:\n  microbox image import ./layout demo/busybox:latest")]
+    Import {
+        path: PathBuf,
+        reference: Option<String>,
+    },
     /// Remove unused blobs and unpacked root filesystems.
     #[command(after_help = "Example:\n  microbox image prune")]
     Prune,

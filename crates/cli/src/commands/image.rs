@@ -140,6 +140,12 @@ pub fn unpack(ctx: &Ctx, reference: &str, dest: &Path) -> Result<()> {
     Ok(())
 }
 
+pub fn import(ctx: &Ctx, path: &Path, reference: Option<&str>) -> Result<()> {
+    let h = store(ctx)?.import(path, reference)?;
+    println!("{} {}", h.reference, h.manifest_digest);
+    Ok(())
+}
+
 pub fn prune(ctx: &Ctx) -> Result<()> {
     let report = store(ctx)?.prune()?;
     println!("{}", serde_json::to_string_pretty(&report)?);

@@ -80,6 +80,9 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Image(ImageCommand::Unpack { reference, dest }) => {
             image::unpack(&ctx, &reference, &dest)
         }
+        Command::Image(ImageCommand::Import { path, reference }) => {
+            image::import(&ctx, &path, reference.as_deref())
+        }
         Command::Image(ImageCommand::Prune) => image::prune(&ctx),
         Command::Login {
             server,
