@@ -177,7 +177,23 @@ impl ImageStore {
             &cdesc.digest,
             manifest.layers.len(),
         )?;
-        let handle = build_handle(&normalized, &digest, &manifest, &config);
+        let config_platform = Platform {
+            os: config.os.clone(),
+            architecture: config.architecture.clone(),
+            variant: config.variant.clone(),
+        };
+        // A single-platform image must be what was asked for (an index entry's platform
+        // is authoritative; the config's otherwise).
+        if platform_desc.is_none() && opts.platform.is_some() && !want.matches(&config_platform) {
+            return Err(Error::NoMatchingPlatform {
+                reference: normalized.clone(),
+                platform: want.to_string(),
+                available: config_platform.to_string(),
+            });
+        }
+        let platform = platform_desc.unwrap_or(config_platform);
+        let mut handle = build_handle(&normalized, &digest, &manifest, &config);
+        handle.platform = platform.to_string();
         progress.on_event(&PullEvent::Resolved {
             reference: normalized.clone(),
             manifest_digest: digest.clone(),
@@ -197,11 +213,6 @@ impl ImageStore {
 
         // Manifest last: a tagged image's blobs are all present.
         self.put_blob("manifest", &digest, bytes.len() as u64, &bytes)?;
-        let platform = platform_desc.unwrap_or(Platform {
-            os: config.os.clone(),
-            architecture: config.architecture.clone(),
-            variant: config.variant.clone(),
-        });
         self.tag(
             &normalized,
             Descriptor {

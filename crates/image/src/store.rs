@@ -243,7 +243,11 @@ impl ImageStore {
         let m = docs::parse_manifest(&mbytes, &desc.digest)?;
         let cbytes = self.read_blob(&m.config.digest)?;
         let c = docs::parse_config(&cbytes, &m.config.digest, m.layers.len())?;
-        Ok(build_handle(reference, &desc.digest, &m, &c))
+        let mut h = build_handle(reference, &desc.digest, &m, &c);
+        if let Some(p) = &desc.platform {
+            h.platform = p.to_string();
+        }
+        Ok(h)
     }
 
     /// Every stored image.

@@ -325,3 +325,103 @@ async fn docker_schema2_zstd_and_uncompressed_layers() {
         assert!(d.is_empty(), "{name}: {}", d.join("\n"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_index_resolves_host_platform_or_override() {
+    let reg = ts::registry();
+    // Two single-platform images in one repository, then an index naming them amd64/arm64.
+    let amd = ts::push_layout(&ts::layout("busybox"), "latest", "multi/arch:amd");
+    let arm = ts::push_layout(&ts::layout("multilayer"), "latest", "multi/arch:arm");
+    let scratch = tempfile::tempdir().unwrap();
+    let s = ImageStore::open(scratch.path()).unwrap();
+    let (ha, hr) = (
+        s.pull(&amd, &PullOptions::default(), &NoProgress)
+            .await
+            .unwrap(),
+        s.pull(&arm, &PullOptions::default(), &NoProgress)
+            .await
+            .unwrap(),
+    );
+    let size = |d: &str| {
+        std::fs::metadata(s.layout_dir().join("blobs/sha256").join(&d[7..]))
+            .unwrap()
+            .len()
+    };
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": hr.manifest_digest, "size": size(&hr.manifest_digest),
+             "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": ha.manifest_digest, "size": size(&ha.manifest_digest),
+             "platform": {"os": "linux", "architecture": "amd64"}},
+        ]
+    });
+    let reference = format!("{}/multi/arch:latest", reg.addr);
+    let r: oci_client::Reference = reference.parse().unwrap();
+    let client = oci_client::Client::new(oci_client::client::ClientConfig {
+        protocol: oci_client::client::ClientProtocol::Http,
+        ..Default::default()
+    });
+    client
+        .push_manifest_raw(
+            &r,
+            serde_json::to_vec(&index).unwrap(),
+            http::HeaderValue::from_static("application/vnd.oci.image.index.v1+json"),
+        )
+        .await
+        .unwrap();
+
+    let root = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(root.path()).unwrap();
+    let host = store
+        .pull(&reference, &PullOptions::default(), &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(host.manifest_digest, ha.manifest_digest);
+    assert_eq!(host.platform, "linux/amd64");
+    let opts = PullOptions {
+        platform: Some("linux/arm64".into()),
+        ..Default::default()
+    };
+    let other = store.pull(&reference, &opts, &NoProgress).await.unwrap();
+    assert_eq!(other.manifest_digest, hr.manifest_digest);
+    assert_eq!(other.platform, "linux/arm64/v8");
+    assert_eq!(
+        store.lookup(&reference).unwrap().unwrap().platform,
+        "linux/arm64/v8"
+    );
+    let opts = PullOptions {
+        platform: Some("linux/s390x".into()),
+        ..Default::default()
+    };
+    let e = store
+        .pull(&reference, &opts, &NoProgress)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("linux/s390x") && e.contains("linux/arm64/v8") && e.contains("linux/amd64"),
+        "{e}"
+    );
+    // A single-platform image is refused for another platform.
+    let e = store
+        .pull(&amd, &opts, &NoProgress)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no image for platform linux/s390x"), "{e}");
+    let e = store
+        .pull(
+            &amd,
+            &PullOptions {
+                platform: Some("linux".into()),
+                ..Default::default()
+            },
+            &NoProgress,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("expected os/arch"), "{e}");
+}
