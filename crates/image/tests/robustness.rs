@@ -425,3 +425,72 @@ async fn image_index_resolves_host_platform_or_override() {
         .to_string();
     assert!(e.contains("expected os/arch"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layer_not_matching_config_diff_id_is_refused() {
+    // busybox with its config's diff_id replaced: layer bytes match the manifest digest, but
+    // the uncompressed content does not match what the config promises.
+    let layout = ts::layout("busybox");
+    let blob = |d: &str| std::fs::read(layout.join("blobs/sha256").join(&d[7..])).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&blob(manifest["config"]["digest"].as_str().unwrap())).unwrap();
+    let bogus = format!("sha256:{}", "0".repeat(64));
+    config["rootfs"]["diff_ids"][0] = bogus.clone().into();
+    let cbytes = serde_json::to_vec(&config).unwrap();
+    let cdigest = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&cbytes))
+    );
+    manifest["config"]["digest"] = cdigest.clone().into();
+    manifest["config"]["size"] = cbytes.len().into();
+    let layer_digest = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let reference = format!("{}/bad/diffid:latest", ts::registry().addr);
+    let r: oci_client::Reference = reference.parse().unwrap();
+    let client = oci_client::Client::new(oci_client::client::ClientConfig {
+        protocol: oci_client::client::ClientProtocol::Http,
+        ..Default::default()
+    });
+    client
+        .auth(
+            &r,
+            &oci_client::secrets::RegistryAuth::Anonymous,
+            oci_client::RegistryOperation::Push,
+        )
+        .await
+        .unwrap();
+    client.push_blob(&r, cbytes, &cdigest).await.unwrap();
+    client
+        .push_blob(&r, blob(&layer_digest), &layer_digest)
+        .await
+        .unwrap();
+    client
+        .push_manifest_raw(
+            &r,
+            serde_json::to_vec(&manifest).unwrap(),
+            http::HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json"),
+        )
+        .await
+        .unwrap();
+
+    let root = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(root.path()).unwrap();
+    let err = store
+        .pull(&reference, &PullOptions::default(), &NoProgress)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("diff_ids") && msg.contains(&bogus) && msg.contains(&layer_digest),
+        "{msg}"
+    );
+    assert_nothing_stored(&store, &reference, &layer_digest);
+}
