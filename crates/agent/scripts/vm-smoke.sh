@@ -4,6 +4,7 @@
 # agent_host `real_vm_agent` test against it through the hybrid-vsock socket and powers the VM
 # off with Shutdown. Every helper process is stopped on exit.
 #   crates/agent/scripts/vm-smoke.sh            (from the workspace root)
+#   crates/agent/scripts/vm-smoke.sh --bench    also runs the agent_rtt benchmark in the VM
 # Needs: qemu-system-x86, linux-image-cloud-amd64, busybox-static, virtiofsd and
 # vhost-device-vsock in PATH or ~/.cargo/bin, python3 grpcio (scripts/setup.sh).
 set -euo pipefail
@@ -60,7 +61,7 @@ for t in $(/bin/busybox --list); do [ "$t" = busybox ] || ln -sf busybox "$WORK/
 echo "root:x:0:0:root:/root:/bin/sh" > "$WORK/rootfs/etc/passwd"
 echo "volume content" > "$WORK/vol/hello.txt"
 
-virtiofsd --socket-path="$WORK/fs.sock" --shared-dir="$WORK/rootfs" --cache=auto >"$WORK/virtiofsd.log" 2>&1 &
+virtiofsd --socket-path="$WORK/fs.sock" --shared-dir="$WORK/rootfs" --cache=${SMOKE_CACHE:-auto} >"$WORK/virtiofsd.log" 2>&1 &
 PIDS+=($!)
 virtiofsd --socket-path="$WORK/vol.sock" --shared-dir="$WORK/vol" --cache=auto >"$WORK/virtiofsd-vol.log" 2>&1 &
 PIDS+=($!)
@@ -78,7 +79,7 @@ log "booting (TCG)"
 qemu-system-x86_64 -M microvm,memory-backend=mem \
   -object memory-backend-memfd,id=mem,size=256M,share=on -m 256M -smp 1 -cpu max \
   -kernel "$KERNEL" -initrd "$WORK/initrd.cpio" \
-  -append "console=ttyS0 tsc_early_khz=$KHZ panic=-1 ${SMOKE_QUIET-quiet}" -nographic -no-reboot \
+  -append "console=ttyS0 tsc_early_khz=$KHZ panic=-1 ${SMOKE_QUIET-quiet} ${SMOKE_APPEND:-}" -nographic -no-reboot \
   -chardev "socket,id=fs0,path=$WORK/fs.sock" -device vhost-user-fs-device,chardev=fs0,tag=rootfs \
   -chardev "socket,id=fs1,path=$WORK/vol.sock" -device vhost-user-fs-device,chardev=fs1,tag=vol0 \
   -chardev "socket,id=fs2,path=$WORK/upper.sock" -device vhost-user-fs-device,chardev=fs2,tag=upper \
@@ -99,6 +100,9 @@ echo written > /etc/overlay-upper && test "$(cat /etc/overlay-upper)" = written
 echo box checks ok'
 
 status=0
+if [ "${1:-}" = --bench ]; then
+  MICROBOX_AGENT_TEST_VSOCK="$WORK/vsock.sock" cargo bench -q -p microbox-runtime --bench agent_rtt || status=$?
+fi
 MICROBOX_AGENT_TEST_VSOCK="$WORK/vsock.sock" MICROBOX_AGENT_TEST_SHUTDOWN=1 \
 MICROBOX_AGENT_TEST_SCRIPT="$SCRIPT" \
   cargo test -q -p microbox-runtime --test agent_host real_vm_agent -- --ignored --nocapture || status=$?
@@ -111,6 +115,6 @@ if [ -e "$WORK/rootfs/etc/overlay-upper" ]; then log "write leaked into the imag
 if [ "$UPPER_TAG" != null ] && [ ! -e "$WORK/upper/upper/etc/overlay-upper" ]; then
   log "the write did not persist in the virtio-fs upper dir"; status=1
 fi
-log "console:"; sed 's/^/  | /' "$WORK/console.log" | tail -15 >&2
+log "console:"; sed 's/^/  | /' "$WORK/console.log" | tail -"${SMOKE_CONSOLE_LINES:-15}" >&2
 [ $status -eq 0 ] && log "PASS" || log "FAIL"
 exit $status

@@ -517,11 +517,19 @@ pub fn start(
     start: &ExecStart,
     inbound: Streaming<ExecRequest>,
 ) -> Result<mpsc::Receiver<Result<ExecResponse, Status>>, Status> {
+    let t0 = std::time::Instant::now();
     let prepared = prepare(&ctx.root, start)?;
+    let t1 = std::time::Instant::now();
     let spawned = spawn(&ctx.root, &prepared, &ctx.reaper)?;
     let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
     ctx.procs.insert(spawned.pid, spawned.pty.clone());
-    tracing::debug!(pid = spawned.pid, program = %prepared.program, "exec started");
+    tracing::debug!(
+        pid = spawned.pid,
+        program = %prepared.program,
+        prepare_us = (t1 - t0).as_micros() as u64,
+        spawn_us = t1.elapsed().as_micros() as u64,
+        "exec started"
+    );
     tokio::spawn(drive(spawned, inbound, tx, ctx.procs.clone()));
     Ok(rx)
 }
@@ -546,6 +554,7 @@ async fn drive(s: Spawned, inbound: Streaming<ExecRequest>, tx: ResponseTx, proc
         .map(|r| tokio::spawn(pump(r, tx.clone(), true, exited_rx.clone())));
     let feeder = tokio::spawn(feed(inbound, s.stdin, s.pty.clone(), pid));
 
+    let started = std::time::Instant::now();
     let mut exit = s.exit;
     let info = tokio::select! {
         r = &mut exit => r,
@@ -556,6 +565,7 @@ async fn drive(s: Spawned, inbound: Streaming<ExecRequest>, tx: ResponseTx, proc
             exit.await
         }
     };
+    let exit_us = started.elapsed().as_micros() as u64;
     let _ = exited_tx.send(true);
     let _ = out.await;
     if let Some(err) = err {
@@ -584,7 +594,13 @@ async fn drive(s: Spawned, inbound: Streaming<ExecRequest>, tx: ResponseTx, proc
             return;
         }
     };
-    tracing::debug!(pid, ?status, "exec finished");
+    tracing::debug!(
+        pid,
+        ?status,
+        exit_us,
+        drained_us = started.elapsed().as_micros() as u64,
+        "exec finished"
+    );
     let _ = tx.send(msg(exec_response::Msg::Exited(status))).await;
 }
 

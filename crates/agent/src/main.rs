@@ -53,15 +53,20 @@ fn parse_listen(s: &str) -> Result<Listen> {
 struct Args {
     listen: Listen,
     root: PathBuf,
+    /// Serve a byte echo instead of gRPC (the raw-transport baseline for benchmarks).
+    echo: bool,
 }
 
-const USAGE: &str = "usage: microbox-agent [--listen unix:/path|vsock:PORT] [--root DIR]\n\
+const USAGE: &str =
+    "usage: microbox-agent [--listen unix:/path|vsock:PORT] [--root DIR] [--echo]\n\
+    --echo serves a plain byte echo (benchmark baseline) instead of the agent API.\n\
     As PID 1 it ignores arguments and boots the box from /etc/microbox/boot.json.";
 
 fn parse_args(args: impl Iterator<Item = String>) -> Result<Args> {
     let mut a = Args {
         listen: Listen::Vsock(microbox_agent_proto::AGENT_VSOCK_PORT),
         root: PathBuf::from("/"),
+        echo: false,
     };
     let mut it = args;
     while let Some(arg) = it.next() {
@@ -69,6 +74,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args> {
         match arg.as_str() {
             "--listen" => a.listen = parse_listen(&value("--listen")?)?,
             "--root" => a.root = PathBuf::from(value("--root")?),
+            "--echo" => a.echo = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -116,7 +122,13 @@ fn main() {
     };
     let result = runtime()
         .context("starting the async runtime")
-        .and_then(|rt| rt.block_on(serve(args.listen, args.root, false)));
+        .and_then(|rt| {
+            if args.echo {
+                rt.block_on(echo(args.listen))
+            } else {
+                rt.block_on(serve(args.listen, args.root, false))
+            }
+        });
     if let Err(e) = result {
         eprintln!("microbox-agent: {e:#}");
         std::process::exit(1);
@@ -211,6 +223,36 @@ where
             }
         }
     }))
+}
+
+/// Echoes every connection's bytes back: the raw round-trip baseline for the agent benchmark.
+async fn echo(listen: Listen) -> Result<()> {
+    async fn pump<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
+        let (mut r, mut w) = tokio::io::split(&mut s);
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    }
+    match listen {
+        Listen::Unix(path) => {
+            let _ = std::fs::remove_file(&path);
+            let l = tokio::net::UnixListener::bind(&path)
+                .with_context(|| format!("binding {}", path.display()))?;
+            loop {
+                let (s, _) = l.accept().await.context("accept")?;
+                tokio::spawn(pump(s));
+            }
+        }
+        Listen::Vsock(port) => {
+            let l = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
+                tokio_vsock::VMADDR_CID_ANY,
+                port,
+            ))
+            .with_context(|| format!("binding vsock port {port}"))?;
+            loop {
+                let (s, _) = l.accept().await.context("accept")?;
+                tokio::spawn(pump(s));
+            }
+        }
+    }
 }
 
 /// How long open calls may take to finish after a Shutdown.
