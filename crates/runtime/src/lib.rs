@@ -12,6 +12,7 @@ pub mod assets;
 pub mod error;
 pub mod eventlog;
 pub mod hypervisor;
+pub mod info;
 mod image_source;
 mod manager;
 pub mod metrics;
@@ -21,6 +22,7 @@ pub mod vsock;
 
 pub use accel::{Accel, AccelDecision};
 pub use error::RuntimeError;
+pub use info::{host_info, HostInfo};
 pub use hypervisor::krun::shim_main_if_requested;
 pub use manager::{
     BootReport, CompactReport, ExecGuard, ExecRequest, ExecResult, ResolvedExec, VmManager,
