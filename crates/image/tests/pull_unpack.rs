@@ -59,7 +59,14 @@ async fn multilayer_pull_and_unpack_matches_umoci() {
     assert_eq!(a["data/keep.txt"].mtime.unwrap().0, 1286705410); // 2010-10-10 10:10:10 UTC
     assert_eq!(a["swap/was-dir"].kind, "file");
     assert_eq!(a["swap/was-file"].kind, "dir");
+    assert_eq!(
+        a["data/subdir/nested.txt"].xattrs,
+        vec!["user.microbox=layer-one".to_string()]
+    );
     if ts::is_root() {
+        assert_eq!(a["misc/null"].kind, "char");
+        assert_eq!(a["misc/loop9"].kind, "block");
+        assert_eq!(a["misc/null"].rdev, b["misc/null"].rdev);
         assert_eq!((a["own/odd"].uid, a["own/odd"].gid), (123, 456));
         assert_eq!(a["own/link-owned"].uid, 1000);
     }

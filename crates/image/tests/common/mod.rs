@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -24,6 +25,33 @@ pub struct EntryInfo {
     pub mtime: Option<(i64, i64)>,
     /// Other paths sharing this inode (hard-link group), sorted.
     pub hardlinks: Vec<String>,
+    /// Device number of char/block nodes.
+    pub rdev: u64,
+    /// Extended attributes (name=value), sorted.
+    pub xattrs: Vec<String>,
+}
+
+fn xattrs(p: &Path) -> Vec<String> {
+    let mut names = vec![0u8; 4096];
+    let Ok(n) = rustix::fs::llistxattr(p, &mut names) else {
+        return vec![];
+    };
+    let mut out: Vec<String> = names[..n]
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            let name = std::ffi::OsStr::from_bytes(n);
+            let mut v = vec![0u8; 4096];
+            let len = rustix::fs::lgetxattr(p, name, &mut v).unwrap_or(0);
+            format!(
+                "{}={}",
+                name.to_string_lossy(),
+                String::from_utf8_lossy(&v[..len])
+            )
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// Snapshot of the tree under `root` (root itself excluded), keyed by relative path.
@@ -109,6 +137,12 @@ fn walk(
                 link,
                 mtime: (!ft.is_dir()).then(|| (m.mtime(), m.mtime_nsec())),
                 hardlinks: vec![],
+                rdev: if ft.is_char_device() || ft.is_block_device() {
+                    m.rdev()
+                } else {
+                    0
+                },
+                xattrs: xattrs(&p),
             },
         );
         if ft.is_dir() {

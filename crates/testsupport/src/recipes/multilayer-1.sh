@@ -32,3 +32,9 @@ echo "was a file" > "$R/swap/was-file"; echo inside > "$R/swap/was-dir/inside"
 ln -s keep.txt "$R/swap/was-link"
 touch -h -d '2001-02-03 04:05:06' "$R/data/keep.txt" "$R/links/rel" "$R/misc/empty"
 touch -d '1999-12-31 23:59:59' "$R/misc/big"
+# Device nodes and xattrs need root (and user xattrs a file system that has them).
+if [ "${ROOTLESS:-0}" != 1 ]; then
+  mknod "$R/misc/null" c 1 3; chmod 0666 "$R/misc/null"
+  mknod "$R/misc/loop9" b 7 9; chmod 0660 "$R/misc/loop9"
+fi
+python3 -c 'import os,sys; os.setxattr(sys.argv[1], "user.microbox", b"layer-one")' "$R/data/subdir/nested.txt" 2>/dev/null || true
