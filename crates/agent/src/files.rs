@@ -24,7 +24,8 @@ fn io_status(what: &str, path: &str, e: &io::Error) -> Status {
         io::ErrorKind::NotFound => Status::not_found(m),
         io::ErrorKind::PermissionDenied => Status::permission_denied(m),
         io::ErrorKind::AlreadyExists => Status::already_exists(m),
-        io::ErrorKind::InvalidInput => Status::invalid_argument(m),
+        io::ErrorKind::InvalidInput | io::ErrorKind::IsADirectory => Status::invalid_argument(m),
+        io::ErrorKind::NotADirectory => Status::failed_precondition(m),
         _ => Status::internal(m),
     }
 }

@@ -291,8 +291,16 @@ async fn serve(listen: Listen, root: PathBuf, reap_all: bool) -> Result<()> {
     // Shutdown: let the response reach the caller, then end the workloads so that their Exec
     // streams finish, then stop serving. A graceful stop waits for open calls, so it is bounded.
     let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+    let stopping_reporter = reporter.clone();
     let stop = async move {
         let _ = shutdown_rx.recv().await;
+        // Health checks now say the agent is going away.
+        stopping_reporter
+            .set_service_status("", ReporterStatus::NotServing)
+            .await;
+        stopping_reporter
+            .set_not_serving::<AgentServer<service::AgentService>>()
+            .await;
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         procs.signal_all(libc::SIGTERM);
         let _ = stopping_tx.send(true);

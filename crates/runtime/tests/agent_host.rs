@@ -561,6 +561,13 @@ async fn files_stats_attestation_and_shutdown() {
         data
     );
 
+    let e = c.write_file("/data", b"x".to_vec(), 0).await.unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::InvalidArgument), "{e}");
+    let e = c
+        .write_file("relative/path", b"x".to_vec(), 0)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::InvalidArgument), "{e}");
     let e = c.read_file("/nope").await.unwrap_err();
     assert_eq!(e.code(), Some(tonic::Code::NotFound), "{e}");
     let e = c.read_file("/data").await.unwrap_err();
