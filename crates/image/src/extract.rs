@@ -62,6 +62,9 @@ impl Ctx<'_> {
     }
 }
 
+/// A directory's final mtime (and, unprivileged, its final mode), applied after its layer.
+type DirFixup = (Vec<u8>, Timestamps, Option<Mode>);
+
 const DIR_FLAGS: OFlags = OFlags::DIRECTORY.union(OFlags::CLOEXEC);
 
 fn in_root() -> ResolveFlags {
@@ -98,7 +101,7 @@ impl Extractor {
         };
         let mut archive = tar::Archive::new(reader);
         let mut written: HashSet<Vec<u8>> = HashSet::new();
-        let mut dir_times: Vec<(Vec<u8>, Timestamps)> = Vec::new();
+        let mut dir_times: Vec<DirFixup> = Vec::new();
         let entries = archive
             .entries()
             .map_err(|e| ctx0.err(format!("read tar: {e}")))?;
@@ -111,9 +114,13 @@ impl Extractor {
             };
             self.apply_entry(&ctx, &mut entry, &raw, &mut written, &mut dir_times)?;
         }
-        // Directory mtimes last: creating children changes them.
-        for (rel, ts) in dir_times.iter().rev() {
+        // Directory mtimes last: creating children changes them. Unprivileged, directories
+        // were kept owner-writable until now (a 0500 directory must still receive children).
+        for (rel, ts, mode) in dir_times.iter().rev() {
             if let Ok(fd) = self.open_in_root(rel, OFlags::RDONLY | DIR_FLAGS | OFlags::NOFOLLOW) {
+                if let Some(m) = mode {
+                    let _ = rustix::fs::fchmod(&fd, *m);
+                }
                 let _ = rustix::fs::futimens(&fd, ts);
             }
         }
@@ -169,7 +176,7 @@ impl Extractor {
         entry: &mut tar::Entry<R>,
         raw: &[u8],
         written: &mut HashSet<Vec<u8>>,
-        dir_times: &mut Vec<(Vec<u8>, Timestamps)>,
+        dir_times: &mut Vec<DirFixup>,
     ) -> Result<()> {
         let comps = components(raw);
         let Some((name, parents)) = comps.split_last() else {
@@ -249,8 +256,14 @@ impl Extractor {
                     Mode::empty(),
                 )
                 .map_err(|e| ctx.errno("open directory", e))?;
-                self.set_meta_fd(ctx, &fd, uid, gid, mode, &xattrs)?;
-                dir_times.push((rel.clone(), ts));
+                if self.privileged {
+                    self.set_meta_fd(ctx, &fd, uid, gid, mode, &xattrs)?;
+                    dir_times.push((rel.clone(), ts, None));
+                } else {
+                    let writable = Mode::from(mode.bits() | 0o700);
+                    self.set_meta_fd(ctx, &fd, uid, gid, writable, &xattrs)?;
+                    dir_times.push((rel.clone(), ts, Some(mode)));
+                }
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let fd = rustix::fs::openat(
@@ -639,6 +652,60 @@ mod tests {
         assert_eq!(components(b"./a//b/./c/"), vec![&b"a"[..], b"b", b"c"]);
         assert_eq!(components(b"/../x"), vec![&b".."[..], b"x"]);
         assert!(components(b"./").is_empty());
+    }
+
+    fn tar_of(entries: &[(&str, tar::EntryType, u32, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, kind, mode, data) in entries {
+            let mut h = tar::Header::new_ustar();
+            h.set_path(path).unwrap();
+            h.set_entry_type(*kind);
+            h.set_mode(*mode);
+            h.set_size(data.len() as u64);
+            h.set_uid(rustix::process::geteuid().as_raw() as u64);
+            h.set_gid(rustix::process::getegid().as_raw() as u64);
+            h.set_mtime(1_000_000_000);
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    /// A read-only directory still receives its children (unprivileged extraction keeps it
+    /// writable until the layer ends), and ends with its own mode and mtime.
+    #[test]
+    fn readonly_directory_gets_children_and_final_mode() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let tar = tar_of(&[
+            ("ro/", tar::EntryType::Directory, 0o500, b""),
+            ("ro/sub/", tar::EntryType::Directory, 0o555, b""),
+            ("ro/sub/f", tar::EntryType::Regular, 0o400, b"data"),
+        ]);
+        Extractor::open(dir.path())
+            .unwrap()
+            .apply_layer(&tar[..], "sha256:test")
+            .unwrap();
+        let m = std::fs::metadata(dir.path().join("ro")).unwrap();
+        assert_eq!(m.permissions().mode() & 0o7777, 0o500);
+        assert_eq!(m.mtime(), 1_000_000_000);
+        assert_eq!(
+            std::fs::metadata(dir.path().join("ro/sub"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o555
+        );
+        assert_eq!(std::fs::read(dir.path().join("ro/sub/f")).unwrap(), b"data");
+        // Cleanup must cope with the read-only tree.
+        let root = rustix::fs::open(dir.path(), OFlags::RDONLY | DIR_FLAGS, Mode::empty()).unwrap();
+        remove_all_at(
+            root.as_fd(),
+            OsStr::new("ro"),
+            rustix::process::geteuid().is_root(),
+        )
+        .unwrap();
     }
 
     #[test]
