@@ -723,7 +723,14 @@ impl VmManager {
             }
             Err(e) => tracing::warn!(error = %e, "drop_caches in the guest failed"),
         }
-        let method = vm.reclaim_memory().await?;
+        let available = match agent.client().stats().await {
+            Ok(st) => Some(st.mem_available_bytes),
+            Err(e) => {
+                tracing::warn!(error = %e, "guest stats unavailable; balloon cycle skipped");
+                None
+            }
+        };
+        let method = vm.reclaim_memory(available).await?;
         let after = vm.rss_bytes();
         Ok(CompactReport {
             rss_before_bytes: before,

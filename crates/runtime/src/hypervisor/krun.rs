@@ -359,7 +359,10 @@ impl VmHandle for KrunVm {
         }
         .boxed()
     }
-    fn reclaim_memory(&self) -> BoxFuture<'_, Result<String, HypervisorError>> {
+    fn reclaim_memory(
+        &self,
+        _guest_available_bytes: Option<u64>,
+    ) -> BoxFuture<'_, Result<String, HypervisorError>> {
         // libkrun enables free page reporting on its balloon itself.
         async move { Ok("libkrun virtio-balloon free page reporting".to_string()) }.boxed()
     }

@@ -105,8 +105,12 @@ pub trait VmHandle: Send + Sync {
     fn pause(&self) -> BoxFuture<'_, Result<(), HypervisorError>>;
     fn resume(&self) -> BoxFuture<'_, Result<(), HypervisorError>>;
     /// Lets the host take back guest memory the guest has freed (balloon free page reporting
-    /// or an inflate/deflate cycle). Returns a description of what was done.
-    fn reclaim_memory(&self) -> BoxFuture<'_, Result<String, HypervisorError>>;
+    /// and an inflate/deflate cycle sized by `guest_available_bytes` when known). Returns a
+    /// description of what was done.
+    fn reclaim_memory(
+        &self,
+        guest_available_bytes: Option<u64>,
+    ) -> BoxFuture<'_, Result<String, HypervisorError>>;
     /// Ends the VMM (quit, then SIGKILL after `grace`) and every helper; waits for all of them.
     fn terminate(&self, grace: Duration) -> BoxFuture<'_, ()>;
     /// Summed resident memory of the VMM and helpers.

@@ -346,6 +346,50 @@ impl QemuVm {
         let _ = std::fs::remove_file(self.spec.box_paths.qmp_socket());
     }
 
+    /// Inflates the balloon over what the guest can spare (its available memory minus a
+    /// reserve), so the host discards those pages even where free page reporting cannot (free
+    /// memory scattered below the 2 MiB reporting granularity), then deflates it again: the guest
+    /// keeps its full size and pages come back only when it touches them. Returns the MiB taken.
+    async fn balloon_cycle(&self, guest_available: u64) -> Result<Option<u64>, HypervisorError> {
+        const RESERVE: u64 = 48 << 20;
+        let ram = (self.spec.memory_mib as u64) << 20;
+        let take = guest_available.saturating_sub(RESERVE);
+        if take < (16 << 20) {
+            return Ok(None);
+        }
+        let target = ram - take.min(ram / 2 + ram / 4);
+        self.qmp_execute("balloon", Some(serde_json::json!({ "value": target })))
+            .await?;
+        let start = tokio::time::Instant::now();
+        let mut last = u64::MAX;
+        let mut still = 0;
+        while start.elapsed() < Duration::from_secs(8) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let actual = self.qmp_execute("query-balloon", None).await?["actual"]
+                .as_u64()
+                .unwrap_or(ram);
+            if actual <= target + (2 << 20) {
+                break;
+            }
+            // The guest may refuse to give more; stop when it no longer moves.
+            if actual >= last {
+                still += 1;
+                if still >= 4 {
+                    break;
+                }
+            } else {
+                still = 0;
+            }
+            last = actual;
+        }
+        let reached = self.qmp_execute("query-balloon", None).await?["actual"]
+            .as_u64()
+            .unwrap_or(ram);
+        self.qmp_execute("balloon", Some(serde_json::json!({ "value": ram })))
+            .await?;
+        Ok(Some(ram.saturating_sub(reached) >> 20))
+    }
+
     /// Waits until the RSS stops falling: free page reporting starts 2 s after pages are freed
     /// (the guest's reporting delay) and then works through the free lists in batches.
     async fn settle_rss(&self, min: Duration, max: Duration) -> u64 {
@@ -414,14 +458,27 @@ impl VmHandle for QemuVm {
         async move { self.qmp_execute("cont", None).await.map(drop) }.boxed()
     }
 
-    fn reclaim_memory(&self) -> BoxFuture<'_, Result<String, HypervisorError>> {
+    fn reclaim_memory(
+        &self,
+        guest_available_bytes: Option<u64>,
+    ) -> BoxFuture<'_, Result<String, HypervisorError>> {
         async move {
+            let mut method = String::from("virtio-balloon free page reporting");
+            if let Some(avail) = guest_available_bytes {
+                match self.balloon_cycle(avail).await {
+                    Ok(Some(mib)) => {
+                        method.push_str(&format!(" + balloon inflate/deflate of {mib} MiB"))
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "balloon inflate/deflate failed"),
+                }
+            }
             // Free page reporting hands freed guest pages back to QEMU, which punches them out of
             // the memfd; wait until the RSS stops falling.
             let _ = self
                 .settle_rss(Duration::from_secs(3), Duration::from_secs(15))
                 .await;
-            Ok("virtio-balloon free page reporting".to_string())
+            Ok(method)
         }
         .boxed()
     }
