@@ -165,6 +165,9 @@ pub enum Command {
     /// Image management.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Named volumes.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
     /// Store credentials for a registry.
     #[command(
         after_help = "Example:\n  echo \"$TOKEN\" | microbox login -u me --password-stdin registry.example.com"
@@ -246,6 +249,7 @@ pub enum ImageCommand {
     #[command(after_help = "Example:\n  microbox image prune")]
     Prune,
     /// List stored images (same as `microbox images`).
+    #[command(after_help = "Example:\n  microbox image ls")]
     Ls {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
@@ -309,6 +313,30 @@ pub enum AttestCommand {
         vcpus: u32,
         #[arg(long, default_value = "EPYC-v4")]
         vcpu_type: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCommand {
+    /// Create a named volume.
+    #[command(
+        after_help = "Example:\n  microbox volume create data && microbox run --rm -v data:/data busybox ls /data"
+    )]
+    Create { name: String },
+    /// List named volumes.
+    #[command(after_help = "Example:\n  microbox volume ls")]
+    Ls {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Show a volume as JSON.
+    #[command(after_help = "Example:\n  microbox volume inspect data")]
+    Inspect { name: String },
+    /// Remove volumes (refused while a box uses them).
+    #[command(after_help = "Example:\n  microbox volume rm data")]
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
     },
 }
 

@@ -375,6 +375,37 @@ fn volumes_are_writable_both_ways_and_ro_refuses_writes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("Read-only file system"));
     assert!(!dir.path().join("nope").exists());
 
+    // Named volumes persist across boxes and are listed; rm is refused while a box uses one.
+    env.ok(&[
+        "run",
+        "--rm",
+        "-v",
+        "shared:/v",
+        &img,
+        "sh",
+        "-c",
+        "echo kept > /v/f",
+    ]);
+    assert_eq!(
+        env.ok(&["run", "--rm", "-v", "shared:/v:ro", &img, "cat", "/v/f"]),
+        "kept\n"
+    );
+    assert!(env.ok(&["volume", "ls"]).contains("shared"));
+    env.ok(&[
+        "create",
+        "--name",
+        "holder",
+        "-v",
+        "shared:/v",
+        &img,
+        "true",
+    ]);
+    let out = env.run(&["volume", "rm", "shared"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("used by box 'holder'"));
+    env.ok(&["rm", "holder"]);
+    env.ok(&["volume", "rm", "shared"]);
+    assert!(!env.ok(&["volume", "ls"]).contains("shared"));
+
     // A missing host directory fails before anything boots.
     let out = env.run(&["run", "--rm", "-v", "/no/such/dir:/data", &img, "true"]);
     assert_eq!(out.status.code(), Some(125));

@@ -20,7 +20,7 @@ use crate::logs;
 use crate::{UserError, WorkloadExit};
 
 pub fn run(ctx: &Ctx, args: RunArgs, start: bool) -> Result<()> {
-    let config = box_config(&args)?;
+    let config = box_config(&ctx.root, &args)?;
     config
         .validate()
         .map_err(|e| UserError::new(e.to_string()))?;
@@ -638,7 +638,7 @@ fn read_env_file(path: &Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
-fn box_config(args: &RunArgs) -> Result<BoxConfig> {
+fn box_config(root: &Path, args: &RunArgs) -> Result<BoxConfig> {
     let mut c = BoxConfig::new(args.image.clone());
     c.vcpus = args.cpus;
     c.memory_mib = parse_memory_mib(&args.memory).map_err(UserError::new)?;
@@ -660,7 +660,7 @@ fn box_config(args: &RunArgs) -> Result<BoxConfig> {
         }
     };
     for v in &args.volume {
-        c.volumes.push(parse_volume(v)?);
+        c.volumes.push(parse_volume_or_named(root, v)?);
     }
     for p in &args.publish {
         c.ports.push(parse_port(p)?);
@@ -711,6 +711,18 @@ pub fn port(ctx: &Ctx, key: &str) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `NAME:GUEST[:ro]` with a volume name (no '/'): the named volume, created on first use as
+/// Docker does; anything else is a bind mount of a host directory.
+fn parse_volume_or_named(root: &Path, s: &str) -> Result<VolumeMount> {
+    if let Some((name, rest)) = s.split_once(':') {
+        if super::volume::is_volume_name(name) && !name.starts_with('.') {
+            let vol = super::volume::ensure(root, name)?;
+            return parse_volume(&format!("{}:{rest}", vol.mountpoint.display()));
+        }
+    }
+    parse_volume(s)
 }
 
 /// `HOST:GUEST[:ro|:rw]`. A missing host directory is an error (not created as Docker does):

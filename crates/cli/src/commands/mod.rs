@@ -9,13 +9,14 @@ pub mod info;
 pub mod lifecycle;
 pub mod observe;
 pub mod stats;
+pub mod volume;
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 
 use crate::boxes::BoxStore;
-use crate::cli::{Cli, Command, ImageCommand};
+use crate::cli::{Cli, Command, ImageCommand, VolumeCommand};
 
 /// What every command needs: where state lives.
 pub struct Ctx {
@@ -91,6 +92,10 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             password_stdin,
         } => image::login(&ctx, &server, &username, password, password_stdin),
         Command::Logout { server } => image::logout(&ctx, &server),
+        Command::Volume(VolumeCommand::Create { name }) => volume::create(&ctx, &name),
+        Command::Volume(VolumeCommand::Ls { format }) => volume::list(&ctx, format),
+        Command::Volume(VolumeCommand::Inspect { name }) => volume::inspect(&ctx, &name),
+        Command::Volume(VolumeCommand::Rm { names }) => volume::remove(&ctx, &names),
         Command::Attest(args) => attest::attest(&ctx, args),
         Command::Events {
             format,
