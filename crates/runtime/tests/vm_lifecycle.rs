@@ -118,3 +118,46 @@ async fn missing_kernel_fails_before_any_process_starts() {
     assert_eq!(vm.state(), BoxState::Created);
     vm.destroy().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_box_keeps_its_writes_across_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let emitter = EventEmitter::default();
+    let mut cfg = busybox_box(tmp.path(), &emitter).config().clone();
+    cfg.persistent = true;
+    let id = microbox_core::BoxId::random();
+    let vm = VmManager::with_id(cfg.clone(), emitter.clone(), tmp.path(), id.clone());
+    let w = vm
+        .exec(ExecRequest::new([
+            "sh",
+            "-c",
+            "echo kept > /etc/kept && rm /bin/true",
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(w.exit_code, Some(0), "{}", w.stderr_str());
+    vm.stop(Duration::from_secs(20)).await.unwrap();
+    // The writable layer lives in the box directory on the host, not in the shared image.
+    assert_eq!(
+        std::fs::read_to_string(vm.box_dir().join("upper/upper/etc/kept")).unwrap(),
+        "kept\n"
+    );
+
+    let again = VmManager::with_id(cfg, emitter, tmp.path(), id);
+    let r = again
+        .exec(ExecRequest::new([
+            "sh",
+            "-c",
+            "cat /etc/kept; ls /bin/true 2>&1 || echo deleted",
+        ]))
+        .await
+        .unwrap();
+    assert!(r.stdout_str().starts_with("kept\n"), "{}", r.stdout_str());
+    assert!(
+        r.stdout_str().trim_end().ends_with("deleted"),
+        "{}",
+        r.stdout_str()
+    );
+    again.destroy().await.unwrap();
+    assert!(!again.box_dir().exists());
+}

@@ -231,6 +231,10 @@ impl QemuVm {
             ];
             if s.read_only {
                 args.push("--readonly".into());
+            } else {
+                // A persistent writable layer is an overlayfs upper: overlayfs keeps its
+                // metadata (whiteouts, opaque dirs) in xattrs.
+                args.push("--xattr".into());
             }
             // SAFETY: geteuid has no preconditions.
             if unsafe { libc::geteuid() } != 0 {
