@@ -30,6 +30,8 @@ pub use microbox_agent_proto::v1::ExecStart as ExecSpec;
 pub use microbox_agent_proto::v1::FileFormat as TransferFormat;
 /// Guest memory, load, uptime and process count.
 pub use microbox_agent_proto::v1::StatsResponse as GuestStats;
+/// gRPC status codes, for matching [`AgentClientError::code`] without a direct tonic dependency.
+pub use tonic::Code;
 
 /// How long the hybrid-vsock handshake may take before the connection is given up.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -383,6 +385,27 @@ impl AgentClient {
             .await
             .map_err(rpc("Health.Check"))?;
         Ok(r.into_inner().status == ServingStatus::Serving as i32)
+    }
+
+    /// `grpc.health.v1.Health/Watch` for the whole agent: the first status now, then every
+    /// change, until the agent goes away.
+    pub async fn watch_health(
+        &self,
+    ) -> Result<impl futures::Stream<Item = Result<bool>> + Send + 'static> {
+        use futures::StreamExt;
+        let stream = self
+            .health
+            .clone()
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map_err(rpc("Health.Watch"))?
+            .into_inner();
+        Ok(stream.map(|r| {
+            r.map(|m| m.status == ServingStatus::Serving as i32)
+                .map_err(rpc("Health.Watch"))
+        }))
     }
 
     /// Starts a process and returns once the agent reported it running.

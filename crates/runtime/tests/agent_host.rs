@@ -588,8 +588,20 @@ async fn files_stats_attestation_and_shutdown() {
         assert!(e.to_string().contains("no TEE in this VM"), "{e}");
     }
 
+    // Health Watch: SERVING now, then a change (NOT_SERVING) or the end once Shutdown starts.
+    use futures::StreamExt;
+    let mut watch = Box::pin(c.watch_health().await.unwrap());
+    assert!(
+        watch.next().await.unwrap().unwrap(),
+        "first Watch status is SERVING"
+    );
+
     // On a host, Shutdown makes the agent exit cleanly.
     c.shutdown().await.unwrap();
+    match watch.next().await {
+        Some(Ok(serving)) => assert!(!serving, "Watch reported SERVING after Shutdown"),
+        Some(Err(_)) | None => {} // the stream ended with the server: also a change
+    }
     let mut status = None;
     for _ in 0..500 {
         if let Some(s) = agent.child.try_wait().unwrap() {
