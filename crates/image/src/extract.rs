@@ -569,13 +569,23 @@ fn clear_opaque(
     Ok(())
 }
 
-/// Applies the layer blobs at `layers` (path, digest) in order onto `root`. Decompression
-/// runs on its own thread, one layer ahead, so it overlaps with the file-system work.
+/// Applies the layer blobs at `layers` (path, digest) in order onto `root`.
 pub fn apply_layers(root: &Path, layers: &[(PathBuf, String)]) -> Result<()> {
+    apply_layers_when_ready(root, layers, &mut |_| Ok(()))
+}
+
+/// Like [`apply_layers`], but calls `ready(i)` (which may block, e.g. until a pull has stored
+/// layer `i`) before touching layer `i`. Each layer is decompressed on its own thread, so
+/// decompression overlaps with the file-system work.
+pub fn apply_layers_when_ready(
+    root: &Path,
+    layers: &[(PathBuf, String)],
+    ready: &mut dyn FnMut(usize) -> Result<()>,
+) -> Result<()> {
     let ex = Extractor::open(root)?;
     std::thread::scope(|scope| {
-        let mut pending = Vec::new();
-        for (path, digest) in layers {
+        for (i, (path, digest)) in layers.iter().enumerate() {
+            ready(i)?;
             let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(16);
             let path = path.clone();
             scope.spawn(move || {
@@ -603,9 +613,6 @@ pub fn apply_layers(root: &Path, layers: &[(PathBuf, String)]) -> Result<()> {
                     let _ = tx.send(Err(e));
                 }
             });
-            pending.push((rx, digest));
-        }
-        for (rx, digest) in pending {
             let reader = ChunkReader {
                 rx,
                 cur: Vec::new(),

@@ -35,6 +35,10 @@ pub struct PullOptions {
     pub max_concurrent_downloads: usize,
     /// Retries per blob on transient failures (connection errors, 5xx, 429, timeouts).
     pub retries: u32,
+    /// Also materialise the rootfs cache ([`ImageStore::rootfs`]) during the pull, applying
+    /// each layer as soon as it (and all below it) are verified and stored. The pull then
+    /// fails if the rootfs cannot be built.
+    pub prepare_rootfs: bool,
 }
 
 impl Default for PullOptions {
@@ -44,6 +48,7 @@ impl Default for PullOptions {
             credentials: None,
             max_concurrent_downloads: 4,
             retries: 4,
+            prepare_rootfs: false,
         }
     }
 }

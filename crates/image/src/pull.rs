@@ -201,15 +201,42 @@ impl ImageStore {
             total_bytes: handle.layers.iter().map(|l| l.size).sum(),
         });
 
+        // Optionally build the rootfs while layers arrive: layer i is applied once it is
+        // stored (verified) and layers below it are applied.
+        let mut unpack = None;
+        let mut signals = Vec::new();
+        if opts.prepare_rootfs {
+            let (txs, rxs): (Vec<_>, Vec<_>) = (0..handle.layers.len())
+                .map(|_| std::sync::mpsc::channel::<()>())
+                .unzip();
+            signals = txs;
+            let (store, h) = (self.clone(), handle.clone());
+            unpack = Some(tokio::task::spawn_blocking(move || {
+                store.rootfs_when_ready(&h, &mut |i| {
+                    rxs[i].recv().map_err(|_| {
+                        Error::NotFound(format!("layer {} (the pull failed)", h.layers[i].digest))
+                    })
+                })
+            }));
+        }
+
         // Layers, in parallel.
-        let jobs = handle.layers.iter().map(|l| {
+        let jobs = handle.layers.iter().enumerate().map(|(i, l)| {
             let ctx = &ctx;
-            async move { self.fetch_layer(ctx, l).await }
+            let signal = signals.get(i).cloned();
+            async move {
+                self.fetch_layer(ctx, l).await?;
+                if let Some(s) = signal {
+                    let _ = s.send(());
+                }
+                Ok::<(), Error>(())
+            }
         });
         futures::stream::iter(jobs)
             .buffer_unordered(opts.max_concurrent_downloads.max(1))
             .try_collect::<Vec<()>>()
             .await?;
+        drop(signals);
 
         // Manifest last: a tagged image's blobs are all present.
         self.put_blob("manifest", &digest, bytes.len() as u64, &bytes)?;
@@ -226,6 +253,9 @@ impl ImageStore {
                 annotations: None,
             },
         )?;
+        if let Some(task) = unpack {
+            task.await.expect("rootfs task panicked")?;
+        }
         progress.on_event(&PullEvent::Done {
             reference: normalized,
         });

@@ -414,6 +414,16 @@ impl ImageStore {
     /// The image's root filesystem, materialised once (layers applied in order) and shared
     /// read-only by every box of the image. Boxes must never write into it.
     pub fn rootfs(&self, image: &ImageHandle) -> Result<PathBuf> {
+        self.rootfs_when_ready(image, &mut |_| Ok(()))
+    }
+
+    /// [`Self::rootfs`], waiting with `ready(i)` before layer `i` is applied (a pull in
+    /// progress signals each stored layer).
+    pub(crate) fn rootfs_when_ready(
+        &self,
+        image: &ImageHandle,
+        ready: &mut dyn FnMut(usize) -> Result<()>,
+    ) -> Result<PathBuf> {
         let key = rootfs_key(image);
         let dest = self.state.join("rootfs").join(&key);
         if dest.is_dir() {
@@ -431,7 +441,7 @@ impl ImageStore {
         fs::create_dir(&work).map_err(Error::io("create", &work))?;
         fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .map_err(Error::io("chmod", &work))?;
-        self.apply(image, &work)?;
+        self.apply(image, &work, ready)?;
         fs::rename(&work, &dest).map_err(Error::io("rename rootfs into place", &dest))?;
         Ok(dest)
     }
@@ -449,21 +459,30 @@ impl ImageStore {
                 "destination directory is not empty",
             )));
         }
-        self.apply(image, dest)
+        self.apply(image, dest, &mut |_| Ok(()))
     }
 
-    fn apply(&self, image: &ImageHandle, dest: &Path) -> Result<()> {
+    fn apply(
+        &self,
+        image: &ImageHandle,
+        dest: &Path,
+        ready: &mut dyn FnMut(usize) -> Result<()>,
+    ) -> Result<()> {
         let mut layers = Vec::new();
         for l in &image.layers {
+            layers.push((self.blob_path(&l.digest)?, l.digest.clone()));
+        }
+        crate::extract::apply_layers_when_ready(dest, &layers, &mut |i| {
+            ready(i)?;
+            let l = &image.layers[i];
             if !self.has_blob(&l.digest, l.size) {
                 return Err(Error::NotFound(format!(
                     "layer {} of {} (pull the image again)",
                     l.digest, image.reference
                 )));
             }
-            layers.push((self.blob_path(&l.digest)?, l.digest.clone()));
-        }
-        crate::extract::apply_layers(dest, &layers)
+            Ok(())
+        })
     }
 }
 

@@ -242,6 +242,21 @@ async fn hardlinks_to_host_files_are_refused_or_confined() {
             1,
             "{case}: host file got a link"
         );
+
+        // Building the rootfs during the pull fails the pull the same way, leaving nothing.
+        let root = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(root.path()).unwrap();
+        let opts = PullOptions {
+            prepare_rootfs: true,
+            ..Default::default()
+        };
+        let e = store
+            .pull(&h.reference, &opts, &NoProgress)
+            .await
+            .unwrap_err();
+        assert_layer_error(case, &Err(e), &h);
+        assert_contained(case, &out, &before, root.path());
+        assert!(dir_entries(&root.path().join("images-state/rootfs")).is_empty());
     }
 }
 

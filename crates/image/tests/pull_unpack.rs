@@ -91,6 +91,21 @@ async fn multilayer_pull_and_unpack_matches_umoci() {
     store.unpack(&h, &dest).unwrap();
     assert!(diff(&snapshot(&dest), &b).is_empty());
 
+    // Pipelined: the rootfs is built during the pull, layer by layer, and is identical.
+    let root2 = tempfile::tempdir().unwrap();
+    let store2 = ImageStore::open(root2.path()).unwrap();
+    let opts = PullOptions {
+        prepare_rootfs: true,
+        ..Default::default()
+    };
+    let h3 = store2.pull(&reference, &opts, &NoProgress).await.unwrap();
+    let tmp_left = dir_entries(&root2.path().join("images-state/tmp"));
+    assert!(tmp_left.is_empty(), "{tmp_left:?}");
+    let built = dir_entries(&root2.path().join("images-state/rootfs"));
+    assert_eq!(built.len(), 1, "rootfs built during the pull: {built:?}");
+    let d = diff(&snapshot(&store2.rootfs(&h3).unwrap()), &b);
+    assert!(d.is_empty(), "pipelined: {}", d.join("\n"));
+
     // Second pull: everything cached, same handle.
     let events = std::sync::Mutex::new(Vec::new());
     let progress = |e: &PullEvent| events.lock().unwrap().push(e.clone());
