@@ -3,7 +3,9 @@
 //! same run; plus a second pull of the stored image and a cached `rootfs()`.
 //!
 //! Run: `cargo bench -p microbox-image --bench pull_unpack` (first run debootstraps, ~1 min).
-//! `MB_BENCH_ROUNDS` (default 3) rounds; the best of each is reported.
+//! `MB_BENCH_ROUNDS` (default 3) rounds; best and median are reported. By default the pull
+//! builds the rootfs as layers arrive (`PullOptions::prepare_rootfs`, what the runtime uses);
+//! `MB_BENCH_SEQUENTIAL=1` pulls first and unpacks afterwards.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -16,6 +18,8 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
+    // MB_BENCH_SEQUENTIAL=1: pull, then rootfs() (no overlap of download and extraction).
+    let pipelined = std::env::var_os("MB_BENCH_SEQUENTIAL").is_none();
     eprintln!("building/pushing the benchmark image (cached after the first run)...");
     let layout = ts::layout("debian-python");
     let reg = ts::registry();
@@ -38,8 +42,13 @@ fn main() {
             let root = tempfile::tempdir_in(ts::target_dir()).unwrap();
             let store = ImageStore::open(root.path()).unwrap();
             let t = Instant::now();
+            // Pipelined (what the runtime does): layers are applied while others download.
+            let opts = PullOptions {
+                prepare_rootfs: pipelined,
+                ..Default::default()
+            };
             let h = rt
-                .block_on(store.pull(&reference, &PullOptions::default(), &NoProgress))
+                .block_on(store.pull(&reference, &opts, &NoProgress))
                 .unwrap();
             let t_pull = t.elapsed();
             let rootfs = store.rootfs(&h).unwrap();
@@ -116,6 +125,14 @@ fn main() {
         "image: {reference} ({:.1} MB compressed, 3 layers) via registry {}",
         size as f64 / 1e6,
         reg.addr
+    );
+    println!(
+        "mode: {}",
+        if pipelined {
+            "pipelined (prepare_rootfs)"
+        } else {
+            "sequential (pull, then rootfs)"
+        }
     );
     println!(
         "microbox pull+unpack      : {:>8.3} s (best of {rounds})",
