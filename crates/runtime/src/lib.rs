@@ -25,5 +25,5 @@ pub use error::RuntimeError;
 pub use info::{host_info, HostInfo};
 pub use hypervisor::krun::shim_main_if_requested;
 pub use manager::{
-    BootReport, CompactReport, ExecGuard, ExecRequest, ExecResult, ResolvedExec, VmManager,
+    BootReport, BoxStateFile, CompactReport, ExecGuard, ExecRequest, ExecResult, ResolvedExec, VmManager,
 };

@@ -120,6 +120,34 @@ pub struct CompactReport {
     pub method: String,
 }
 
+/// `state.json` in the box directory: lets other processes (e.g. `microbox ps`) see a box that
+/// this process runs. Rewritten atomically on every state change.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BoxStateFile {
+    pub id: String,
+    pub image: String,
+    pub state: BoxState,
+    pub reason: Option<String>,
+    /// The process running the VmManager (the boxes die with it).
+    pub owner_pid: u32,
+    /// (name, pid) of the VMM and helpers.
+    pub processes: Vec<(String, u32)>,
+    pub updated_ms: u64,
+}
+
+impl BoxStateFile {
+    /// Reads a box directory's `state.json`.
+    pub fn read(box_dir: &Path) -> Option<Self> {
+        serde_json::from_slice(&std::fs::read(box_dir.join("state.json")).ok()?).ok()
+    }
+
+    /// Whether the owning process still exists (if not, the box is gone: its helpers died with
+    /// the owner through PR_SET_PDEATHSIG).
+    pub fn owner_alive(&self) -> bool {
+        Path::new(&format!("/proc/{}", self.owner_pid)).exists()
+    }
+}
+
 struct StateCell {
     state: BoxState,
     running_execs: u64,
@@ -871,7 +899,46 @@ impl Inner {
             from
         };
         self.emit(BoxEvent::StateChanged { from, to, reason });
+        self.write_state_file();
         Ok(())
+    }
+
+    fn write_state_file(&self) {
+        let dir = &self.box_paths.dir;
+        if !dir.is_dir() {
+            return;
+        }
+        let (state, reason) = {
+            let c = lock(&self.cell);
+            (c.state, c.reason.clone())
+        };
+        let processes = lock(&self.running)
+            .as_ref()
+            .map(|r| {
+                r.vm.processes()
+                    .into_iter()
+                    .map(|p| (p.name, p.pid))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let f = BoxStateFile {
+            id: self.id.to_string(),
+            image: self.config.image.clone(),
+            state,
+            reason,
+            owner_pid: std::process::id(),
+            processes,
+            updated_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        };
+        let tmp = dir.join(".state.json.tmp");
+        if let Ok(text) = serde_json::to_vec_pretty(&f) {
+            if std::fs::write(&tmp, text).is_ok() {
+                let _ = std::fs::rename(&tmp, self.box_paths.state_file());
+            }
+        }
     }
 }
 

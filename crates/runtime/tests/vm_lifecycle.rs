@@ -24,6 +24,11 @@ async fn boot_health_exec_stop_leaves_nothing() {
     assert!(procs.len() >= 3, "{procs:?}");
     let box_dir = vm.box_dir().to_path_buf();
     assert!(vm.agent_socket().exists());
+    let sf = microbox_runtime::BoxStateFile::read(&box_dir).expect("state.json");
+    assert_eq!(sf.state, BoxState::Ready);
+    assert_eq!(sf.id, vm.id().to_string());
+    assert!(sf.owner_alive());
+    assert_eq!(sf.processes.len(), procs.len());
 
     let out = vm.exec(ExecRequest::new(["uname", "-r"])).await.unwrap();
     assert_eq!(out.exit_code, Some(0), "stderr: {}", out.stderr_str());
@@ -59,6 +64,12 @@ async fn boot_health_exec_stop_leaves_nothing() {
     }
     assert!(processes_mentioning(&box_dir.to_string_lossy()).is_empty());
     assert!(!vm.agent_socket().exists());
+    assert_eq!(
+        microbox_runtime::BoxStateFile::read(&box_dir)
+            .unwrap()
+            .state,
+        BoxState::Stopped
+    );
 
     let events = drain(&mut sub);
     let phases: Vec<BootPhase> = events
