@@ -251,6 +251,8 @@ fn run_attached(ctx: &Ctx, store: &BoxStore, rec: &BoxRecord) -> Result<()> {
         .clone()
         .context("the box has no agent socket")?;
     let code = rt.block_on(exec_stdio(&sock, spec));
+    // Our stdin reader may sit in a blocking read forever: do not wait for it.
+    rt.shutdown_background();
     let code_for_record = match &code {
         Ok(c) => *c,
         Err(e) => exec_error_code(e).into(),
@@ -403,6 +405,8 @@ pub fn exec(ctx: &Ctx, args: ExecArgs) -> Result<()> {
         argv: args.command.clone(),
     });
     let result = rt.block_on(exec_stdio(&sock, spec));
+    // Our stdin reader may sit in a blocking read forever: do not wait for it.
+    rt.shutdown_background();
     record(microbox_core::BoxEvent::ExecFinished {
         exec_id,
         exit_code: result.as_ref().ok().copied(),
