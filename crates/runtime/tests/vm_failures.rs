@@ -93,3 +93,64 @@ async fn boot_timeout_reports_console_and_leaves_no_process() {
     vm.destroy().await.unwrap();
     assert!(!vm.box_dir().exists());
 }
+
+/// Child half of `runtime_killed_takes_its_box_along`: boots a box under the root given in the
+/// environment and waits to be killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "helper process of runtime_killed_takes_its_box_along"]
+async fn child_boots_and_waits() {
+    let Some(root) = std::env::var_os("MICROBOX_TEST_CHILD_ROOT") else {
+        return;
+    };
+    let vm = busybox_box(std::path::Path::new(&root), &EventEmitter::default());
+    vm.boot().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_killed_takes_its_box_along() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Resolve the test image here: the child must not start its own registry (it would die with
+    // the child and leave nothing to compare).
+    let _ = microbox_testsupport::image("busybox");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "child_boots_and_waits",
+            "--nocapture",
+        ])
+        .env("MICROBOX_TEST_CHILD_ROOT", tmp.path())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let boxes = tmp.path().join("boxes");
+    let state = tokio::time::timeout(Duration::from_secs(180), async {
+        loop {
+            let found = std::fs::read_dir(&boxes)
+                .ok()
+                .and_then(|mut d| d.next())
+                .and_then(|e| e.ok())
+                .and_then(|e| microbox_runtime::BoxStateFile::read(&e.path()));
+            if let Some(s) = found.filter(|s| s.state == BoxState::Ready) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the child booted its box");
+    assert_eq!(state.owner_pid, child.id());
+    assert!(state.processes.len() >= 3);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!state.owner_alive());
+    // PR_SET_PDEATHSIG: every helper dies with the runtime process.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !state.processes.iter().all(|(_, pid)| gone(*pid)) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("helpers survived their runtime: {:?}", state.processes));
+}
