@@ -544,3 +544,38 @@ fn networking_published_port_gateway_none_and_busy_port() {
     ]);
     assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["lo"]);
 }
+
+#[test]
+fn run_it_gives_a_real_terminal_with_the_window_size() {
+    let env = Env::new();
+    let img = ts::image("busybox");
+    env.ok(&["pull", &img]);
+    // util-linux `script` runs us on a fresh pseudo-terminal; the keys wait in its buffer until
+    // the box's shell reads them.
+    let inner = format!(
+        "stty rows 33 cols 111; {} run -it --rm {img} sh; echo inner-rc=$?",
+        env!("CARGO_BIN_EXE_microbox")
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .env("MICROBOX_ROOT", env.root.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("script (util-linux)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"tty; stty size; exit 5\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert!(text.contains("\n/dev/pts/"), "a pty in the box: {text}");
+    assert!(text.contains("\n33 111\n"), "window size forwarded: {text}");
+    assert!(
+        text.contains("inner-rc=5"),
+        "exit code passed through: {text}"
+    );
+}
