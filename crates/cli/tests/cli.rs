@@ -153,6 +153,18 @@ fn detached_box_ps_logs_exec_stop_rm() {
         processes_mentioning(&box_dir).is_empty(),
         "stop leaves no process"
     );
+    // start boots it again; kill -s TERM ends the main process; wait reports 128+15.
+    env.ok(&["start", "web"]);
+    assert_eq!(env.ok(&["health", "web"]), "healthy\n");
+    assert_eq!(env.ok(&["exec", "web", "echo", "again"]), "again\n");
+    env.ok(&["kill", "-s", "TERM", "web"]);
+    assert_eq!(env.ok(&["wait", "web"]).trim(), "143");
+    assert_eq!(env.inspect("web")["state"], "stopped");
+    assert!(
+        processes_mentioning(&box_dir).is_empty(),
+        "the ended box leaves no process"
+    );
+
     env.ok(&["rm", "web"]);
     assert!(!box_dir.exists());
     let out = env.run(&["inspect", "web"]);
