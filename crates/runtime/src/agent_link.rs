@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::agent_client::{serve_bridge, AgentClient, BridgeHandle, ExecSpec};
+use crate::agent_client::{serve_bridge, AgentClient, BridgeHandle};
 use crate::hypervisor::AgentEndpoint;
 use crate::manager::{ExecResult, ResolvedExec, WaitError};
 use crate::process::ExitInfo;
@@ -81,14 +81,7 @@ impl AgentLink {
     }
 
     pub async fn exec(&self, r: &ResolvedExec) -> Result<ExecResult, String> {
-        let spec = ExecSpec {
-            argv: r.argv.clone(),
-            env: r.env.clone(),
-            cwd: r.cwd.clone(),
-            user: r.user.clone(),
-            stdin: r.stdin.is_some(),
-            ..Default::default()
-        };
+        let spec = r.to_spec();
         let out = match &r.stdin {
             Some(input) => {
                 self.client

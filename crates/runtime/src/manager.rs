@@ -38,7 +38,10 @@ pub struct ExecRequest {
     pub working_dir: Option<String>,
     pub user: Option<String>,
     /// Bytes fed to the process's stdin (then EOF); None: stdin is /dev/null.
+    /// (Streaming execs take their stdin as a reader instead.)
     pub stdin: Option<Vec<u8>>,
+    /// Run on a pseudo terminal of (rows, cols) (stdout and stderr are then merged).
+    pub tty: Option<(u32, u32)>,
 }
 
 impl ExecRequest {
@@ -68,6 +71,10 @@ impl ExecRequest {
         self.stdin = Some(data.into());
         self
     }
+    pub fn tty(mut self, rows: u32, cols: u32) -> Self {
+        self.tty = Some((rows, cols));
+        self
+    }
 }
 
 /// The fully resolved command the agent runs (argv, merged env, cwd, user).
@@ -78,6 +85,23 @@ pub struct ResolvedExec {
     pub cwd: String,
     pub user: String,
     pub stdin: Option<Vec<u8>>,
+    pub tty: Option<(u32, u32)>,
+}
+
+impl ResolvedExec {
+    /// The agent protocol's start message.
+    pub fn to_spec(&self) -> crate::agent_client::ExecSpec {
+        crate::agent_client::ExecSpec {
+            argv: self.argv.clone(),
+            env: self.env.clone(),
+            cwd: self.cwd.clone(),
+            user: self.user.clone(),
+            stdin: self.stdin.is_some(),
+            tty: self.tty.is_some(),
+            rows: self.tty.map(|t| t.0).unwrap_or(0),
+            cols: self.tty.map(|t| t.1).unwrap_or(0),
+        }
+    }
 }
 
 /// How an exec ended and what it printed.
@@ -633,11 +657,74 @@ impl VmManager {
                 .or(img.user)
                 .unwrap_or_default(),
             stdin: req.stdin.clone(),
+            tty: req.tty,
         }
     }
 
     /// Runs a command to completion and collects its output. Boots the box first if needed.
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecResult> {
+        let (agent, resolved, guard) = self.prepare_exec(&req).await?;
+        let start = Instant::now();
+        let res = agent.exec(&resolved).await;
+        let (code, sig) = res
+            .as_ref()
+            .map(|r| (r.exit_code, r.signal))
+            .unwrap_or((None, None));
+        guard.finish(code, sig);
+        let mut r = res.map_err(RuntimeError::Agent)?;
+        r.duration = start.elapsed();
+        Ok(r)
+    }
+
+    /// Runs a command with streamed stdin/stdout/stderr (e.g. `microbox run`), with the same
+    /// events and Busy accounting as [`VmManager::exec`]. `req.stdin` is ignored; pass a reader.
+    pub async fn exec_streaming<I, O, E>(
+        &self,
+        req: ExecRequest,
+        stdin: Option<I>,
+        stdout: O,
+        stderr: E,
+    ) -> Result<crate::agent_client::ExitStatus>
+    where
+        I: tokio::io::AsyncRead + Unpin + Send + 'static,
+        O: tokio::io::AsyncWrite + Unpin,
+        E: tokio::io::AsyncWrite + Unpin,
+    {
+        let (agent, resolved, guard) = self.prepare_exec(&req).await?;
+        let res = agent
+            .client()
+            .exec(resolved.to_spec(), stdin, stdout, stderr)
+            .await;
+        let (code, sig) = res
+            .as_ref()
+            .map(|s| (s.exit_code, s.signal))
+            .unwrap_or((None, None));
+        guard.finish(code, sig);
+        res.map_err(|e| RuntimeError::Agent(e.to_string()))
+    }
+
+    /// Starts a command and hands back the live session (stdin, resize, signals, output events)
+    /// for interactive use. The box stays Busy until the returned guard is finished or dropped.
+    pub async fn exec_session(
+        &self,
+        req: ExecRequest,
+    ) -> Result<(crate::agent_client::ExecSession, ExecGuard)> {
+        let (agent, resolved, guard) = self.prepare_exec(&req).await?;
+        let mut spec = resolved.to_spec();
+        spec.stdin = true;
+        match agent.client().exec_session(spec).await {
+            Ok(s) => Ok((s, guard)),
+            Err(e) => {
+                guard.finish(None, None);
+                Err(RuntimeError::Agent(e.to_string()))
+            }
+        }
+    }
+
+    async fn prepare_exec(
+        &self,
+        req: &ExecRequest,
+    ) -> Result<(AgentLink, ResolvedExec, ExecGuard)> {
         if req.argv.is_empty() {
             return Err(RuntimeError::Agent("exec: argv must not be empty".into()));
         }
@@ -645,32 +732,19 @@ impl VmManager {
             self.boot().await?;
         }
         let agent = self.agent()?;
-        let resolved = self.resolve_exec(&req);
-        let _busy = self.begin_exec()?;
+        let resolved = self.resolve_exec(req);
+        let mut guard = self.begin_exec()?;
         let exec_id = self.inner.next_exec_id.fetch_add(1, Ordering::Relaxed);
         self.inner.emit(BoxEvent::ExecStarted {
             exec_id,
             argv: req.argv.clone(),
         });
-        let start = Instant::now();
-        let res = agent.exec(&resolved).await;
-        let duration = start.elapsed();
-        let (exit_code, signal) = match &res {
-            Ok(r) => (r.exit_code, r.signal),
-            Err(_) => (None, None),
-        };
-        self.inner.emit(BoxEvent::ExecFinished {
-            exec_id,
-            exit_code,
-            signal,
-            duration_ms: duration.as_millis() as u64,
-        });
-        let mut r = res.map_err(RuntimeError::Agent)?;
-        r.duration = duration;
-        Ok(r)
+        guard.exec = Some((exec_id, Instant::now()));
+        Ok((agent, resolved, guard))
     }
 
-    /// Marks one exec running (Ready -> Busy on the first); the guard ends it.
+    /// Marks one exec running (Ready -> Busy on the first); the guard ends it. For execs run
+    /// directly through [`VmManager::agent_client`].
     pub fn begin_exec(&self) -> Result<ExecGuard> {
         let mut cell = lock(&self.inner.cell);
         match cell.state {
@@ -683,6 +757,7 @@ impl VmManager {
                     to: BoxState::Busy,
                     reason: None,
                 });
+                self.inner.write_state_file();
             }
             BoxState::Busy => cell.running_execs += 1,
             s => {
@@ -694,6 +769,7 @@ impl VmManager {
         }
         Ok(ExecGuard {
             inner: self.inner.clone(),
+            exec: None,
         })
     }
 
@@ -861,13 +937,39 @@ async fn wait_exit(rx: &mut WatchRx) {
     }
 }
 
-/// Ends one exec (Busy -> Ready when it was the last).
+/// One running exec: ends it (Busy -> Ready when it was the last) when finished or dropped.
 pub struct ExecGuard {
     inner: Arc<Inner>,
+    /// (exec id, start) when an `ExecStarted` event was emitted for it.
+    exec: Option<(u64, Instant)>,
+}
+
+impl ExecGuard {
+    /// The id in the `ExecStarted`/`ExecFinished` events, if any.
+    pub fn exec_id(&self) -> Option<u64> {
+        self.exec.map(|e| e.0)
+    }
+
+    /// Ends the exec, reporting how the process ended.
+    pub fn finish(mut self, exit_code: Option<i32>, signal: Option<i32>) {
+        self.emit_finished(exit_code, signal);
+    }
+
+    fn emit_finished(&mut self, exit_code: Option<i32>, signal: Option<i32>) {
+        if let Some((exec_id, start)) = self.exec.take() {
+            self.inner.emit(BoxEvent::ExecFinished {
+                exec_id,
+                exit_code,
+                signal,
+                duration_ms: start.elapsed().as_millis() as u64,
+            });
+        }
+    }
 }
 
 impl Drop for ExecGuard {
     fn drop(&mut self) {
+        self.emit_finished(None, None);
         let mut cell = lock(&self.inner.cell);
         cell.running_execs = cell.running_execs.saturating_sub(1);
         if cell.running_execs == 0 && cell.state == BoxState::Busy {
@@ -878,6 +980,7 @@ impl Drop for ExecGuard {
                 to: BoxState::Ready,
                 reason: None,
             });
+            self.inner.write_state_file();
         }
     }
 }

@@ -57,6 +57,21 @@ async fn boot_health_exec_stop_leaves_nothing() {
         .unwrap();
     assert_eq!(fail.exit_code, Some(7));
 
+    // Streaming: stdin from a reader, output into writers as it arrives.
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let st = vm
+        .exec_streaming(
+            ExecRequest::new(["sh", "-c", "tr a-z A-Z; echo done >&2"]),
+            Some(std::io::Cursor::new(b"streamed input".to_vec())),
+            &mut out,
+            &mut err,
+        )
+        .await
+        .unwrap();
+    assert_eq!(st.exit_code, Some(0));
+    assert_eq!(out, b"STREAMED INPUT");
+    assert_eq!(err, b"done\n");
+
     vm.stop(Duration::from_secs(20)).await.unwrap();
     assert_eq!(vm.state(), BoxState::Stopped);
     for p in &procs {
@@ -96,7 +111,7 @@ async fn boot_health_exec_stop_leaves_nothing() {
             .iter()
             .filter(|e| matches!(e.event, BoxEvent::ExecFinished { .. }))
             .count(),
-        3
+        4
     );
 
     vm.destroy().await.unwrap();
