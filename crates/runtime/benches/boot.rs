@@ -151,8 +151,10 @@ async fn baseline_boot(a: &Assets, dir: &Path) -> Duration {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    // `cargo bench` passes --bench; `cargo test --benches` runs this too: keep that quick.
-    if std::env::args().any(|a| a == "--test" || a == "--list") {
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this binary without it:
+    // do not boot a dozen VMs then.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("boot benchmark: run with `cargo bench -p microbox-runtime --bench boot`");
         return;
     }
     let runs: usize = std::env::var("BENCH_RUNS")
@@ -256,5 +258,11 @@ async fn main() {
             microbox_runtime::process::rss_bytes(p.pid).unwrap_or(0) as f64 / 1048576.0
         );
     }
+    let t = Instant::now();
+    vm.stop(Duration::from_secs(10)).await.unwrap();
+    println!(
+        "stop() (agent Shutdown -> guest power-off -> helpers ended): {:.0} ms",
+        ms(t.elapsed())
+    );
     vm.destroy().await.unwrap();
 }
