@@ -311,6 +311,30 @@ fn metrics_are_valid_prometheus_and_count_boots_execs_and_events() {
         .unwrap_or_else(|| panic!("{stats}"));
     assert!(!row.contains(" - "), "guest memory shown: {row}");
 
+    // The same metrics served over HTTP.
+    let port = ts::free_port();
+    let mut server = env
+        .cmd(&["metrics", "--listen", &format!("127.0.0.1:{port}")])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut served = String::new();
+    for _ in 0..50 {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::Read;
+            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+            s.read_to_string(&mut served).unwrap();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert!(
+        served.starts_with("HTTP/1.1 200") && served.contains("microbox_boxes{"),
+        "{served}"
+    );
+
     env.ok(&["rm", "-f", "m"]);
 
     // The events of that run, in order, with every boot phase.

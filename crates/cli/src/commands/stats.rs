@@ -41,6 +41,26 @@ struct Row {
     guest_used: Option<u64>,
     guest_total: Option<u64>,
     procs: Option<u32>,
+    net: Option<(u64, u64)>,
+}
+
+/// Received and sent bytes of the guest's non-loopback interfaces, from its /proc/net/dev.
+pub fn parse_net_dev(text: &str) -> (u64, u64) {
+    text.lines()
+        .skip(2)
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(iface, _)| iface.trim() != "lo")
+        .map(|(_, rest)| {
+            let f: Vec<u64> = rest
+                .split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            (
+                f.first().copied().unwrap_or(0),
+                f.get(8).copied().unwrap_or(0),
+            )
+        })
+        .fold((0, 0), |(r, t), (r2, t2)| (r + r2, t + t2))
 }
 
 pub fn stats(ctx: &Ctx, keys: &[String], no_stream: bool) -> Result<()> {
@@ -78,12 +98,18 @@ pub fn stats(ctx: &Ctx, keys: &[String], no_stream: bool) -> Result<()> {
             let secs = now.duration_since(at).as_secs_f64().max(1e-3);
             let cpu_pct = (ticks.saturating_sub(prev) as f64 / hz) / secs * 100.0;
             last.insert(r.id.to_string(), (ticks, now));
-            let guest = match (&r.agent_socket, r.state.is_running()) {
+            let (guest, net) = match (&r.agent_socket, r.state.is_running()) {
                 (Some(sock), true) => rt.block_on(async {
-                    let c = AgentClient::connect_unix(sock).await.ok()?;
-                    c.stats().await.ok()
+                    let Ok(c) = AgentClient::connect_unix(sock).await else {
+                        return (None, None);
+                    };
+                    let net = c.read_file("/proc/net/dev").await.ok();
+                    (
+                        c.stats().await.ok(),
+                        net.map(|b| parse_net_dev(&String::from_utf8_lossy(&b))),
+                    )
                 }),
-                _ => None,
+                _ => (None, None),
             };
             rows.push(Row {
                 name: r.name.clone(),
@@ -95,6 +121,7 @@ pub fn stats(ctx: &Ctx, keys: &[String], no_stream: bool) -> Result<()> {
                     .map(|g| g.mem_total_bytes.saturating_sub(g.mem_available_bytes)),
                 guest_total: guest.as_ref().map(|g| g.mem_total_bytes),
                 procs: guest.as_ref().map(|g| g.process_count),
+                net,
             });
         }
         let mut out = std::io::stdout().lock();
@@ -131,5 +158,14 @@ pub fn stats(ctx: &Ctx, keys: &[String], no_stream: bool) -> Result<()> {
         }
         drop(out);
         std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn net_dev_sums_non_loopback_interfaces() {
+        let text = "Inter-|   Receive                                                |  Transmit\n face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    lo:     100       1    0    0    0     0          0         0      100       1    0    0    0     0       0          0\n  eth0:    5000      10    0    0    0     0          0         0     3000       8    0    0    0     0       0          0\n";
+        assert_eq!(super::parse_net_dev(text), (5000, 3000));
     }
 }
