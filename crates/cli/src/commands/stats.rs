@@ -130,8 +130,8 @@ pub fn stats(ctx: &Ctx, keys: &[String], no_stream: bool) -> Result<()> {
         }
         writeln!(
             out,
-            "{:<12}  {:<20}  {:>7}  {:>10}  {:>21}  {:>5}",
-            "BOX ID", "NAME", "CPU %", "HOST RSS", "GUEST MEM USED/TOTAL", "PIDS"
+            "{:<12}  {:<20}  {:>7}  {:>10}  {:>21}  {:>21}  {:>5}",
+            "BOX ID", "NAME", "CPU %", "HOST RSS", "GUEST MEM USED/TOTAL", "NET RX / TX", "PIDS"
         )?;
         let hb = |b: u64| indicatif::HumanBytes(b).to_string();
         for row in &rows {
@@ -139,14 +139,19 @@ pub fn stats(ctx: &Ctx, keys: &[String], no_stream: bool) -> Result<()> {
                 (Some(u), Some(t)) => format!("{} / {}", hb(u), hb(t)),
                 _ => "-".into(),
             };
+            let net = row
+                .net
+                .map(|(rx, tx)| format!("{} / {}", hb(rx), hb(tx)))
+                .unwrap_or_else(|| "-".into());
             writeln!(
                 out,
-                "{:<12}  {:<20}  {:>6.1}%  {:>10}  {:>21}  {:>5}",
+                "{:<12}  {:<20}  {:>6.1}%  {:>10}  {:>21}  {:>21}  {:>5}",
                 row.id,
                 row.name,
                 row.cpu_pct,
                 hb(row.rss),
                 guest,
+                net,
                 row.procs
                     .map(|p| p.to_string())
                     .unwrap_or_else(|| "-".into())
