@@ -18,6 +18,7 @@ APT_PACKAGES=(
   protobuf-compiler        # protoc, for the agent's .proto files
   passt                    # user-mode networking
   prometheus               # promtool, to validate our metrics output
+  debootstrap              # the ~100 MB Debian image of the pull benchmark
   cpio curl jq
 )
 
