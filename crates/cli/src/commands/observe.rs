@@ -86,20 +86,7 @@ fn now_ms() -> u64 {
 fn cpu_and_rss(pids: impl Iterator<Item = u32>) -> (f64, u64) {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let mut ticks = 0u64;
-    let mut rss = 0u64;
-    for pid in pids {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(i) = stat.rfind(')') else { continue };
-        let f: Vec<&str> = stat[i + 2..].split_whitespace().collect();
-        ticks += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        // Field 24: RSS in pages.
-        let pages = f.get(21).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        rss += pages * 4096;
-    }
+    let (ticks, rss) = super::stats::usage_of(pids);
     (ticks as f64 / hz, rss)
 }
 

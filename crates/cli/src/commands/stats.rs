@@ -26,11 +26,14 @@ fn proc_usage(pid: u32) -> Option<(u64, u64)> {
     Some((ticks, rss_kb * 1024))
 }
 
-fn box_usage(rec: &BoxRecord) -> (u64, u64) {
-    rec.pids
-        .values()
-        .filter_map(|p| proc_usage(*p))
+/// CPU clock ticks and RSS bytes summed over `pids` (the processes that exist).
+pub fn usage_of(pids: impl Iterator<Item = u32>) -> (u64, u64) {
+    pids.filter_map(proc_usage)
         .fold((0, 0), |(t, r), (t2, r2)| (t + t2, r + r2))
+}
+
+fn box_usage(rec: &BoxRecord) -> (u64, u64) {
+    usage_of(rec.pids.values().copied())
 }
 
 struct Row {
