@@ -752,12 +752,12 @@ impl VmManager {
                 cell.state = BoxState::Ready.transition(BoxState::Busy)?;
                 cell.running_execs = 1;
                 drop(cell);
+                self.inner.write_state_file();
                 self.inner.emit(BoxEvent::StateChanged {
                     from: BoxState::Ready,
                     to: BoxState::Busy,
                     reason: None,
                 });
-                self.inner.write_state_file();
             }
             BoxState::Busy => cell.running_execs += 1,
             s => {
@@ -889,10 +889,20 @@ impl VmManager {
             self.inner
                 .set_state(BoxState::Stopped, Some("destroyed".into()))?;
         }
-        match std::fs::remove_dir_all(&self.inner.box_paths.dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(RuntimeError::io(&self.inner.box_paths.dir, e)),
+        // A helper that is still being reaped may append to its log while the tree is removed
+        // (ENOTEMPTY): retry briefly.
+        let dir = &self.inner.box_paths.dir;
+        let mut attempt = 0;
+        loop {
+            match std::fs::remove_dir_all(dir) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(_) if attempt < 5 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(RuntimeError::io(dir, e)),
+            }
         }
     }
 
@@ -975,12 +985,12 @@ impl Drop for ExecGuard {
         if cell.running_execs == 0 && cell.state == BoxState::Busy {
             cell.state = BoxState::Ready;
             drop(cell);
+            self.inner.write_state_file();
             self.inner.emit(BoxEvent::StateChanged {
                 from: BoxState::Busy,
                 to: BoxState::Ready,
                 reason: None,
             });
-            self.inner.write_state_file();
         }
     }
 }
@@ -1001,8 +1011,9 @@ impl Inner {
             }
             from
         };
-        self.emit(BoxEvent::StateChanged { from, to, reason });
+        // File first: whoever reacts to the event (e.g. destroy()) sees a settled directory.
         self.write_state_file();
+        self.emit(BoxEvent::StateChanged { from, to, reason });
         Ok(())
     }
 
