@@ -154,6 +154,15 @@ async fn run_box(ctx: &Ctx, store: &BoxStore, id: &BoxId, emitter: &EventEmitter
     };
     // Keep the exit code an attached CLI recorded, if any.
     let exit_code = exit_code.or_else(|| store.load(id).ok().and_then(|r| r.exit_code));
+    // After the main process ended, a non-persistent box has nothing worth a clean guest
+    // shutdown: its writable layer is guest tmpfs, discarded either way. Persistent boxes and
+    // requested stops get the graceful path (the main process is signalled and the guest syncs).
+    let main_ended = reason == "exited" || reason.starts_with("main process failed");
+    let stop_timeout = if main_ended && !rec.config.persistent {
+        Duration::ZERO
+    } else {
+        stop_timeout
+    };
     if let Err(e) = vm.stop(stop_timeout).await {
         tracing::warn!("stopping the VM: {e}");
     }
