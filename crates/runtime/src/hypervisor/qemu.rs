@@ -88,7 +88,13 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>, kernel_vhost_vsock: bool) 
     let mem = spec.memory_mib;
     let mut a: Vec<String> = Vec::new();
     let mut push = |parts: &[&str]| a.extend(parts.iter().map(|s| s.to_string()));
-    push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]);
     push(&["-machine", "microvm,memory-backend=mem,rtc=on"]);
     push(&[
         "-object",
