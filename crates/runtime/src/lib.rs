@@ -12,8 +12,8 @@ pub mod assets;
 pub mod error;
 pub mod eventlog;
 pub mod hypervisor;
-pub mod info;
 mod image_source;
+pub mod info;
 mod manager;
 pub mod metrics;
 pub mod paths;
@@ -22,8 +22,9 @@ pub mod vsock;
 
 pub use accel::{Accel, AccelDecision};
 pub use error::RuntimeError;
-pub use info::{host_info, HostInfo};
 pub use hypervisor::krun::shim_main_if_requested;
+pub use info::{host_info, HostInfo};
 pub use manager::{
-    BootReport, BoxStateFile, CompactReport, ExecGuard, ExecRequest, ExecResult, ResolvedExec, VmManager,
+    BootReport, BoxStateFile, CompactReport, ExecGuard, ExecRequest, ExecResult, ResolvedExec,
+    VmManager,
 };
