@@ -31,6 +31,17 @@ pub const AGENT_SERVICE_NAME: &str = "microbox.agent.v1.Agent";
 /// The vsock port the agent listens on inside the guest.
 pub const AGENT_VSOCK_PORT: u32 = 4088;
 
+/// The host vsock port the agent connects to, once it listens, to say it is ready.
+///
+/// Host-initiated vsock connections made while the guest driver is still setting the device up
+/// can kill vhost-device-vsock 0.3's queue worker (an error from a not-yet-ready vring ends the
+/// worker thread, and the device never answers again). So the host waits for this guest-initiated
+/// notification before its first `CONNECT`. The agent writes [`READY_LINE`] and closes.
+pub const AGENT_READY_VSOCK_PORT: u32 = 4089;
+
+/// What the agent writes on the ready port.
+pub const READY_LINE: &[u8] = b"READY\n";
+
 /// Where the runtime places the boot configuration inside the initramfs.
 pub const BOOT_CONFIG_PATH: &str = "/etc/microbox/boot.json";
 
@@ -51,6 +62,10 @@ pub struct BootConfig {
     pub network: Option<BootNetwork>,
     /// vsock port the agent listens on (normally [`AGENT_VSOCK_PORT`]).
     pub vsock_port: u32,
+    /// Host vsock port to notify once the agent listens ([`AGENT_READY_VSOCK_PORT`]); None
+    /// (older boot configs, host-mode tests) = no notification.
+    #[serde(default)]
+    pub ready_port: Option<u32>,
 }
 
 /// A virtio-fs volume mounted into the box.
@@ -113,6 +128,7 @@ mod tests {
                 dns: vec!["10.0.2.3".into()],
             }),
             vsock_port: AGENT_VSOCK_PORT,
+            ready_port: Some(AGENT_READY_VSOCK_PORT),
         };
         let back = BootConfig::from_json(&cfg.to_json()).unwrap();
         assert_eq!(back, cfg);

@@ -126,7 +126,7 @@ fn main() {
             if args.echo {
                 rt.block_on(echo(args.listen))
             } else {
-                rt.block_on(serve(args.listen, args.root, false))
+                rt.block_on(serve(args.listen, args.root, false, None))
             }
         });
     if let Err(e) = result {
@@ -159,6 +159,7 @@ fn pid1_main() -> ! {
         Listen::Vsock(booted.config.vsock_port),
         booted.root.clone(),
         true,
+        booted.config.ready_port,
     ));
     if let Err(e) = result {
         init::console(&format!("FATAL: {e:#}"));
@@ -269,7 +270,35 @@ async fn bounded<E>(
     }
 }
 
-async fn serve(listen: Listen, root: PathBuf, reap_all: bool) -> Result<()> {
+/// Tells the host (vsock CID 2, `port`) that the agent listens. Best effort: a host that does
+/// not listen there simply polls.
+async fn notify_ready(port: u32) {
+    use tokio::io::AsyncWriteExt;
+    let addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_HOST, port);
+    for attempt in 0..20u64 {
+        match tokio_vsock::VsockStream::connect(addr).await {
+            Ok(mut s) => {
+                if let Err(e) = s.write_all(microbox_agent_proto::READY_LINE).await {
+                    tracing::warn!("ready notification on vsock port {port}: {e}");
+                }
+                let _ = s.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            Err(e) => {
+                tracing::debug!("ready notification on vsock port {port}: {e}; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(10 * (attempt + 1))).await;
+            }
+        }
+    }
+    tracing::warn!("the host never accepted the ready notification on vsock port {port}");
+}
+
+async fn serve(
+    listen: Listen,
+    root: PathBuf,
+    reap_all: bool,
+    ready_port: Option<u32>,
+) -> Result<()> {
     let reaper = reaper::Reaper::new(reap_all);
     tokio::spawn(reaper.clone().run());
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel(1);
@@ -348,6 +377,9 @@ async fn serve(listen: Listen, root: PathBuf, reap_all: bool) -> Result<()> {
                 }
             };
             tracing::info!("listening on vsock:{port}");
+            if let Some(rp) = ready_port {
+                tokio::spawn(notify_ready(rp));
+            }
             let listener = std::sync::Arc::new(listener);
             let incoming = accept_stream(move || {
                 let l = listener.clone();

@@ -28,6 +28,68 @@ async fn connect(endpoint: &AgentEndpoint) -> Result<AgentClient, String> {
     }
 }
 
+/// The host end of the agent's ready notification (see
+/// [`microbox_agent_proto::AGENT_READY_VSOCK_PORT`]): a Unix listener bound before the VM starts,
+/// at the path the vsock device maps the guest's connection to. Removed when dropped.
+pub(crate) struct ReadyListener {
+    listener: tokio::net::UnixListener,
+    path: PathBuf,
+}
+
+impl ReadyListener {
+    pub(crate) fn bind(path: &Path) -> std::io::Result<Self> {
+        let _ = std::fs::remove_file(path);
+        Ok(ReadyListener {
+            listener: tokio::net::UnixListener::bind(path)?,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Waits for the agent's `READY` line, the VMM's exit or `deadline`. Connections that do not
+    /// say `READY` are dropped and waiting goes on.
+    pub(crate) async fn wait(
+        &self,
+        exit: &tokio::sync::watch::Receiver<Option<ExitInfo>>,
+        deadline: Instant,
+    ) -> Result<(), WaitError> {
+        use tokio::io::AsyncReadExt;
+        let mut exit = exit.clone();
+        let until = tokio::time::Instant::from_std(deadline);
+        loop {
+            if let Some(info) = exit.borrow_and_update().clone() {
+                return Err(WaitError::Exited(info.to_string()));
+            }
+            tokio::select! {
+                conn = self.listener.accept() => {
+                    let Ok((mut s, _)) = conn else { continue };
+                    let mut buf = [0u8; 16];
+                    let mut n = 0;
+                    let read = async {
+                        while n < microbox_agent_proto::READY_LINE.len() {
+                            match s.read(&mut buf[n..]).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(k) => n += k,
+                            }
+                        }
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(2), read).await;
+                    if &buf[..n] == microbox_agent_proto::READY_LINE {
+                        return Ok(());
+                    }
+                }
+                _ = exit.changed() => {}
+                _ = tokio::time::sleep_until(until) => return Err(WaitError::Timeout),
+            }
+        }
+    }
+}
+
+impl Drop for ReadyListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 impl AgentLink {
     /// Retries connecting until the guest accepts on the agent port (the kernel booted and the
     /// agent listens), the VMM exits or `deadline` passes.

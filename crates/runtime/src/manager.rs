@@ -11,14 +11,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use microbox_agent_proto::{BootConfig, BootNetwork, BootVolume, AGENT_VSOCK_PORT};
+use microbox_agent_proto::{
+    BootConfig, BootNetwork, BootVolume, AGENT_READY_VSOCK_PORT, AGENT_VSOCK_PORT,
+};
 use microbox_core::{
     AccelChoice, BootPhase, BoxConfig, BoxEvent, BoxId, BoxState, EventEmitter, NetworkMode,
     Protocol, Subscription,
 };
 
 use crate::accel::{self, Accel, AccelDecision};
-use crate::agent_link::AgentLink;
+use crate::agent_link::{AgentLink, ReadyListener};
 use crate::assets::{agent, initramfs, kernel};
 use crate::error::{Result, RuntimeError};
 use crate::hypervisor::{self, tail_of, Share, UserNet, VmHandle, VmSpec};
@@ -497,6 +499,7 @@ impl VmManager {
             volumes,
             network: boot_net,
             vsock_port: AGENT_VSOCK_PORT,
+            ready_port: Some(AGENT_READY_VSOCK_PORT),
         };
         initramfs::write_box_initrd(&stat.path, boot_cfg.to_json().as_bytes(), &bp.initrd())?;
         phase_done(BootPhase::BootAssets, &mut report);
@@ -515,13 +518,29 @@ impl VmManager {
             agent_port: AGENT_VSOCK_PORT,
         };
         let _ = std::fs::remove_file(bp.console_log());
+        // Bound before the guest can connect; gone (with its socket file) once booted.
+        let ready_path = bp.guest_to_host_socket(AGENT_READY_VSOCK_PORT);
+        let ready =
+            ReadyListener::bind(&ready_path).map_err(|e| RuntimeError::io(&ready_path, e))?;
         let vm: Arc<dyn VmHandle> = Arc::from(backend.launch(&spec).await?);
         phase_done(BootPhase::VmmSpawn, &mut report);
 
-        // Kernel boot: until the agent's vsock port accepts a connection.
+        // Kernel boot: until the agent says it listens (where the backend carries that
+        // notification) and its vsock port accepts a connection.
         let deadline = boot_start + cfg.boot_timeout;
         let endpoint = vm.agent_endpoint();
         let exit = vm.vmm_exit();
+        if vm.ready_notification() {
+            if let Err(e) = ready.wait(&exit, deadline).await {
+                vm.terminate(Duration::ZERO).await;
+                return Err(self.boot_failure(
+                    e,
+                    cfg.boot_timeout,
+                    "the agent's ready notification",
+                ));
+            }
+        }
+        drop(ready);
         let agent = match AgentLink::connect_when_listening(&endpoint, &exit, deadline).await {
             Ok(a) => a,
             Err(e) => {

@@ -90,6 +90,11 @@ impl BoxPaths {
     pub fn vsock_uds(&self) -> PathBuf {
         self.dir.join("vsock.sock")
     }
+    /// Where guest-initiated connections to host vsock `port` arrive: hybrid vsock names them
+    /// `<vsock_uds>_<port>` (vhost-device-vsock, Firecracker); libkrun maps the port here too.
+    pub fn guest_to_host_socket(&self, port: u32) -> PathBuf {
+        self.dir.join(format!("vsock.sock_{port}"))
+    }
     /// vhost-user control socket between QEMU and vhost-device-vsock.
     pub fn vhost_vsock_socket(&self) -> PathBuf {
         self.dir.join("vhost-vsock.sock")

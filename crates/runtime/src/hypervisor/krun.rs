@@ -42,7 +42,10 @@ pub struct KrunConfig {
     /// (tag, host dir) pairs; libkrun has no read-only flag, the guest mounts them read-only.
     pub virtiofs: Vec<(String, PathBuf)>,
     /// Guest vsock port -> host Unix socket path.
-    pub vsock_ports: Vec<(u32, PathBuf)>,
+    /// (guest port, host socket, listen): `listen` = the guest listens and libkrun accepts host
+    /// connections on the socket (the agent's port); otherwise the guest connects out and
+    /// libkrun connects to a host listener there (the ready notification).
+    pub vsock_ports: Vec<(u32, PathBuf, bool)>,
 }
 
 impl KrunConfig {
@@ -72,7 +75,15 @@ impl KrunConfig {
                 .iter()
                 .map(|s| (s.tag.clone(), s.host_dir.clone()))
                 .collect(),
-            vsock_ports: vec![(spec.agent_port, krun_agent_socket(spec))],
+            vsock_ports: vec![
+                (spec.agent_port, krun_agent_socket(spec), true),
+                (
+                    microbox_agent_proto::AGENT_READY_VSOCK_PORT,
+                    spec.box_paths
+                        .guest_to_host_socket(microbox_agent_proto::AGENT_READY_VSOCK_PORT),
+                    false,
+                ),
+            ],
         })
     }
 }
@@ -84,7 +95,7 @@ fn krun_agent_socket(spec: &VmSpec) -> PathBuf {
 type FnCreate = unsafe extern "C" fn() -> i32;
 type FnVmConfig = unsafe extern "C" fn(u32, u8, u32) -> i32;
 type FnAddVirtiofs = unsafe extern "C" fn(u32, *const c_char, *const c_char) -> i32;
-type FnAddVsockPort = unsafe extern "C" fn(u32, u32, *const c_char) -> i32;
+type FnAddVsockPort2 = unsafe extern "C" fn(u32, u32, *const c_char, bool) -> i32;
 type FnSetKernel =
     unsafe extern "C" fn(u32, *const c_char, u32, *const c_char, *const c_char) -> i32;
 type FnStartEnter = unsafe extern "C" fn(u32) -> i32;
@@ -115,7 +126,7 @@ impl Libkrun {
                         "krun_create_ctx",
                         "krun_set_vm_config",
                         "krun_add_virtiofs",
-                        "krun_add_vsock_port",
+                        "krun_add_vsock_port2",
                         "krun_set_kernel",
                         "krun_start_enter",
                     ] {
@@ -182,10 +193,13 @@ impl Libkrun {
                 let d = cstr(dir)?;
                 check("krun_add_virtiofs", add_fs(ctx, t.as_ptr(), d.as_ptr()))?;
             }
-            let add_port: libloading::Symbol<FnAddVsockPort> = self.sym("krun_add_vsock_port")?;
-            for (port, path) in &cfg.vsock_ports {
+            let add_port: libloading::Symbol<FnAddVsockPort2> = self.sym("krun_add_vsock_port2")?;
+            for (port, path, listen) in &cfg.vsock_ports {
                 let p = cstr(path)?;
-                check("krun_add_vsock_port", add_port(ctx, *port, p.as_ptr()))?;
+                check(
+                    "krun_add_vsock_port2",
+                    add_port(ctx, *port, p.as_ptr(), *listen),
+                )?;
             }
             Ok(ctx)
         }
@@ -335,6 +349,9 @@ impl VmHandle for KrunVm {
     fn agent_endpoint(&self) -> AgentEndpoint {
         AgentEndpoint::Unix(self.endpoint.clone())
     }
+    fn ready_notification(&self) -> bool {
+        true
+    }
     fn powerdown(&self) -> BoxFuture<'_, Result<(), HypervisorError>> {
         // libkrun has no control socket: SIGTERM makes it stop the guest.
         async move {
@@ -420,7 +437,10 @@ mod tests {
         );
         assert_eq!(
             c.vsock_ports,
-            vec![(4088, PathBuf::from("/r/boxes/k/krun-agent.sock"))]
+            vec![
+                (4088, PathBuf::from("/r/boxes/k/krun-agent.sock"), true),
+                (4089, PathBuf::from("/r/boxes/k/vsock.sock_4089"), false)
+            ]
         );
         assert!(c.cmdline.ends_with("a=b"));
         let mut s = spec();

@@ -100,6 +100,13 @@ pub trait VmHandle: Send + Sync {
     /// Resolves to the VMM's exit status when it ends (for any reason).
     fn vmm_exit(&self) -> watch::Receiver<Option<ExitInfo>>;
     fn agent_endpoint(&self) -> AgentEndpoint;
+    /// Whether the guest's connection to host vsock port
+    /// [`microbox_agent_proto::AGENT_READY_VSOCK_PORT`] reaches
+    /// [`BoxPaths::guest_to_host_socket`]. When it does, the runtime waits for the agent's ready
+    /// notification before it connects.
+    fn ready_notification(&self) -> bool {
+        false
+    }
     /// Asks the guest to power off (ACPI power button).
     fn powerdown(&self) -> BoxFuture<'_, Result<(), HypervisorError>>;
     fn pause(&self) -> BoxFuture<'_, Result<(), HypervisorError>>;

@@ -189,6 +189,7 @@ impl Hypervisor for QemuBackend {
                 qemu: None,
                 qmp: Mutex::new(None),
                 spec: spec.clone(),
+                kernel_vsock: Path::new("/dev/vhost-vsock").exists(),
             };
             match vm.start().await {
                 Ok(()) => Ok(Box::new(vm) as Box<dyn VmHandle>),
@@ -209,13 +210,15 @@ pub struct QemuVm {
     qemu: Option<ManagedProcess>,
     qmp: Mutex<Option<Qmp>>,
     spec: VmSpec,
+    /// The guest's vsock is kernel vhost-vsock rather than vhost-device-vsock.
+    kernel_vsock: bool,
 }
 
 impl QemuVm {
     async fn start(&mut self) -> Result<(), HypervisorError> {
         let qemu_bin = QemuBackend::qemu()?;
         let virtiofsd = QemuBackend::virtiofsd()?;
-        let kernel_vsock = Path::new("/dev/vhost-vsock").exists();
+        let kernel_vsock = self.kernel_vsock;
         let vsock_dev = if kernel_vsock {
             None
         } else {
@@ -454,6 +457,12 @@ impl VmHandle for QemuVm {
             uds: self.spec.box_paths.vsock_uds(),
             port: self.spec.agent_port,
         }
+    }
+
+    fn ready_notification(&self) -> bool {
+        // vhost-device-vsock routes guest-to-host connections to `<uds>_<port>`; kernel
+        // vhost-vsock delivers them to host AF_VSOCK listeners instead.
+        !self.kernel_vsock
     }
 
     fn powerdown(&self) -> BoxFuture<'_, Result<(), HypervisorError>> {
