@@ -251,6 +251,13 @@ impl BoxStore {
         if supervised {
             if let Some(sup) = rec.supervisor {
                 if !sup.alive() {
+                    // The supervisor may have recorded the end and exited between our read of
+                    // the record and the liveness check: read again before calling it a crash.
+                    if let Ok(fresh) = self.load(&rec.id) {
+                        if fresh.state == BoxState::Stopped {
+                            return fresh;
+                        }
+                    }
                     rec.state = BoxState::Stopped;
                     rec.reason = Some(format!(
                         "supervisor (pid {}) died without recording why",

@@ -109,7 +109,10 @@ fn start_one(ctx: &Ctx, store: &BoxStore, rec: &BoxRecord, detach: bool) -> Resu
         pid,
         rec.config.boot_timeout + Duration::from_secs(30),
     )?;
-    if booted.state == BoxState::Stopped {
+    // Stopped without ever starting means the boot failed. A box that booted and whose main
+    // process already ended (a missing command, a quick `true`) has `started_at` set: it goes
+    // down the normal path below so that its exit code and output reach the caller.
+    if booted.state == BoxState::Stopped && booted.started_at.is_none() {
         let reason = booted.reason.unwrap_or_else(|| "unknown reason".into());
         if rec.auto_remove {
             store.remove_dir(&rec.id).ok();
