@@ -9,8 +9,12 @@
 //!   cached across runs under `target/microbox-testimages/<name>-<recipe hash>/`, guarded by a
 //!   file lock so parallel test binaries do not race; pushed with `skopeo` once per process.
 //!
+//! [`faultproxy`] damages registry replies on purpose, for the robustness suites.
+//!
 //! Helpers for tests that build their own images ([`build_image_from_tars`], [`push_layout`])
 //! live here too. Everything panics with the failing command and its stderr: this is test code.
+
+pub mod faultproxy;
 
 use std::collections::HashMap;
 use std::fs;
@@ -71,22 +75,29 @@ pub fn registry_with_basic_auth() -> &'static Registry {
     AUTH_REGISTRY.get_or_init(|| start_registry(true))
 }
 
-fn start_registry(basic_auth: bool) -> Registry {
-    require_tool("docker-registry", "apt-get install docker-registry");
+/// A temporary directory that lives until the test process exits (then it is removed), for
+/// state shared by the tests of one binary.
+pub fn process_temp_dir(prefix: &str) -> PathBuf {
     let tmp = tempfile::Builder::new()
-        .prefix("microbox-registry-")
+        .prefix(prefix)
         .tempdir()
-        .expect("create registry temp dir")
+        .expect("create temp dir")
         .keep();
     TEMP_ROOTS.lock().unwrap().push(tmp.clone());
-    let storage = tmp.join("storage");
-    fs::create_dir_all(&storage).unwrap();
     ATEXIT.call_once(|| {
         // SAFETY: registering a plain `extern "C" fn` with atexit; it only touches statics.
         unsafe {
             libc::atexit(cleanup_at_exit);
         }
     });
+    tmp
+}
+
+fn start_registry(basic_auth: bool) -> Registry {
+    require_tool("docker-registry", "apt-get install docker-registry");
+    let tmp = process_temp_dir("microbox-registry-");
+    let storage = tmp.join("storage");
+    fs::create_dir_all(&storage).unwrap();
     let mut auth = String::new();
     if basic_auth {
         fs::write(tmp.join("htpasswd"), format!("{AUTH_HTPASSWD}\n")).unwrap();
