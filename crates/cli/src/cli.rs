@@ -159,6 +159,9 @@ pub enum Command {
     /// Remove stored images.
     #[command(after_help = "Example:\n  microbox rmi busybox")]
     Rmi {
+        /// Untag even when boxes were made from the image (running ones keep their rootfs).
+        #[arg(short, long)]
+        force: bool,
         #[arg(required = true)]
         references: Vec<String>,
     },

@@ -20,7 +20,7 @@ pub use auth::Credentials;
 pub use error::{Error, Result};
 pub use progress::{NoProgress, PullEvent, PullProgress};
 pub use reference::ImageRef;
-pub use store::{BlobProblem, CheckReport, ImageStore, PruneReport};
+pub use store::{BlobProblem, CheckReport, ImageStore, PruneReport, RootfsLease};
 
 use serde::{Deserialize, Serialize};
 

@@ -65,6 +65,13 @@ pub struct PruneReport {
 /// An exclusive or shared `flock`, released on drop.
 pub(crate) struct Lock(#[allow(dead_code)] File);
 
+/// Proof that a running box uses an image's shared rootfs: while any lease on it is held (by
+/// any process), [`ImageStore::prune`] leaves that rootfs in place, even if the image was
+/// untagged. A flock, so a crashed holder releases it.
+pub struct RootfsLease {
+    _lock: Lock,
+}
+
 impl ImageStore {
     /// Opens (creating if needed) the store under `root` (the runtime passes `$MICROBOX_ROOT`).
     pub fn open(root: &Path) -> Result<ImageStore> {
@@ -149,6 +156,22 @@ impl ImageStore {
         };
         rustix::fs::flock(&f, op).map_err(|e| Error::io("lock", &p)(e.into()))?;
         Ok(Lock(f))
+    }
+
+    /// Like [`Self::lock`] (exclusive) but gives up at once: `None` when someone holds it.
+    fn try_lock_exclusive(&self, name: &str) -> Result<Option<Lock>> {
+        let p = self.state.join("locks").join(format!("{name}.lock"));
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(Error::io("open lock", &p))?;
+        match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(Lock(f))),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(Error::io("lock", &p)(e.into())),
+        }
     }
 
     /// Async wrapper of [`Self::lock`]: flock blocks, so it runs on the blocking pool.
@@ -353,6 +376,7 @@ impl ImageStore {
     }
 
     /// Deletes blobs no tagged image references, cached root filesystems of untagged images
+    /// that no running box leases ([`Self::lease_rootfs`])
     /// and stale temp files. Waits for running pulls to finish first.
     pub fn prune(&self) -> Result<PruneReport> {
         let _gc = self.lock("gc", true)?;
@@ -391,6 +415,10 @@ impl ImageStore {
         {
             let name = e.file_name().to_string_lossy().into_owned();
             if !keep_rootfs.contains(&name) {
+                // A running box may still use the rootfs of an image that was untagged.
+                let Some(_unused) = self.try_lock_exclusive(&format!("rootfs-use-{name}"))? else {
+                    continue;
+                };
                 remove_tree(&e.path())?;
                 report.rootfs_removed += 1;
             }
@@ -415,6 +443,15 @@ impl ImageStore {
     /// read-only by every box of the image. Boxes must never write into it.
     pub fn rootfs(&self, image: &ImageHandle) -> Result<PathBuf> {
         self.rootfs_when_ready(image, &mut |_| Ok(()))
+    }
+
+    /// [`Self::rootfs`] for a box that is about to use it: the lease keeps `prune` away from it
+    /// until dropped. Taken before the rootfs is looked up, so a prune either finished before
+    /// (and the rootfs is rebuilt here) or sees the lease.
+    pub fn lease_rootfs(&self, image: &ImageHandle) -> Result<(PathBuf, RootfsLease)> {
+        let lock = self.lock(&format!("rootfs-use-{}", rootfs_key(image)), false)?;
+        let path = self.rootfs(image)?;
+        Ok((path, RootfsLease { _lock: lock }))
     }
 
     /// [`Self::rootfs`], waiting with `ready(i)` before layer `i` is applied (a pull in

@@ -192,3 +192,24 @@ async fn store_is_an_oci_layout_and_commands_work() {
     assert_eq!(pr.rootfs_removed, 1);
     assert!(dir_entries(&store.layout_dir().join("blobs/sha256")).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_keeps_a_leased_rootfs_of_an_untagged_image() {
+    let root = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(root.path()).unwrap();
+    let reference = ts::image("busybox");
+    let h = store
+        .pull(&reference, &PullOptions::default(), &NoProgress)
+        .await
+        .unwrap();
+    let (rootfs, lease) = store.lease_rootfs(&h).unwrap();
+    assert!(rootfs.join("bin/busybox").exists());
+    store.remove(&reference).unwrap();
+    let r = store.prune().unwrap();
+    assert!(r.blobs_removed > 0, "untagged blobs go");
+    assert_eq!(r.rootfs_removed, 0, "a leased rootfs stays");
+    assert!(rootfs.join("bin/busybox").exists());
+    drop(lease);
+    assert_eq!(store.prune().unwrap().rootfs_removed, 1);
+    assert!(!rootfs.exists());
+}

@@ -74,10 +74,14 @@ pub async fn ensure(reference: &str, paths: &Paths) -> Result<ImageInfo> {
     })
 }
 
-/// The shared read-only root directory of the image (unpacked on first use).
-pub async fn rootfs(info: &ImageInfo, paths: &Paths) -> Result<PathBuf> {
+/// The shared read-only root directory of the image (unpacked on first use), with the lease
+/// that keeps `prune` from deleting it while the box runs (None for a plain directory).
+pub async fn rootfs(
+    info: &ImageInfo,
+    paths: &Paths,
+) -> Result<(PathBuf, Option<microbox_image::RootfsLease>)> {
     match &info.source {
-        Source::Dir(d) => Ok(d.clone()),
+        Source::Dir(d) => Ok((d.clone(), None)),
         Source::None => Err(image_err(&info.reference, "image was not resolved")),
         Source::Store(h) => {
             let root: PathBuf = paths.root().to_path_buf();
@@ -85,10 +89,11 @@ pub async fn rootfs(info: &ImageInfo, paths: &Paths) -> Result<PathBuf> {
             let reference = info.reference.clone();
             tokio::task::spawn_blocking(move || {
                 let store = microbox_image::ImageStore::open(Path::new(&root))?;
-                store.rootfs(&h)
+                store.lease_rootfs(&h)
             })
             .await
             .map_err(|e| image_err(&reference, e))?
+            .map(|(p, lease)| (p, Some(lease)))
             .map_err(|e| image_err(&reference, e))
         }
     }

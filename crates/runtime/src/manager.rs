@@ -184,6 +184,8 @@ struct Running {
     vm: Arc<dyn VmHandle>,
     agent: AgentLink,
     bridge: Option<crate::agent_link::Bridge>,
+    /// Keeps `prune` from deleting the image rootfs the VM serves.
+    _rootfs_lease: Option<microbox_image::RootfsLease>,
 }
 
 struct Inner {
@@ -420,7 +422,7 @@ impl VmManager {
         // Image and rootfs.
         let image = image_source::ensure(&cfg.image, &inner.paths).await?;
         phase_done(BootPhase::Image, &mut report);
-        let rootfs = image_source::rootfs(&image, &inner.paths).await?;
+        let (rootfs, rootfs_lease) = image_source::rootfs(&image, &inner.paths).await?;
         *lock(&inner.image) = Some(image.clone());
         phase_done(BootPhase::Rootfs, &mut report);
 
@@ -569,6 +571,7 @@ impl VmManager {
             vm: vm.clone(),
             agent,
             bridge,
+            _rootfs_lease: rootfs_lease,
         });
         inner.set_state(BoxState::Ready, None)?;
         self.spawn_watcher(vm);

@@ -97,9 +97,19 @@ pub fn list(ctx: &Ctx, format: Format) -> Result<()> {
     Ok(())
 }
 
-pub fn remove(ctx: &Ctx, references: &[String]) -> Result<()> {
+/// `rmi`: like Docker, refuses an image that boxes were created from, unless forced.
+pub fn remove(ctx: &Ctx, references: &[String], force: bool) -> Result<()> {
     let store = store(ctx)?;
+    let boxes = ctx.boxes()?.list()?;
     for r in references {
+        let wanted = microbox_image::ImageRef::parse(r)?.to_string();
+        if let Some(b) = boxes.iter().find(|b| b.image == wanted).filter(|_| !force) {
+            return Err(UserError::new(format!(
+                "image '{r}' is used by box '{}' (remove the box first, or use: microbox rmi -f {r})",
+                b.name
+            ))
+            .into());
+        }
         store.remove(r)?;
         println!("untagged {r}");
     }

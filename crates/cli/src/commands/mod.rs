@@ -75,7 +75,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Images { format } | Command::Image(ImageCommand::Ls { format }) => {
             image::list(&ctx, format)
         }
-        Command::Rmi { references } => image::remove(&ctx, &references),
+        Command::Rmi { force, references } => image::remove(&ctx, &references, force),
         Command::Image(ImageCommand::Inspect { reference }) => image::inspect(&ctx, &reference),
         Command::Image(ImageCommand::Check) => image::check(&ctx),
         Command::Image(ImageCommand::Unpack { reference, dest }) => {
