@@ -1,81 +1,13 @@
 //! End-to-end tests of the `microbox` binary against real microVMs (QEMU, TCG where KVM is not
 //! usable) and images pulled from the real registry of the shared harness.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
+use common::{processes_mentioning, Env};
 use microbox_testsupport as ts;
-
-struct Env {
-    root: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Env {
-        Env {
-            root: tempfile::Builder::new()
-                .prefix("mbx-cli-")
-                .tempdir()
-                .unwrap(),
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_microbox"));
-        c.args(args).env("MICROBOX_ROOT", self.root.path());
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let out = self.cmd(args).stdin(Stdio::null()).output().unwrap();
-        eprintln!(
-            "$ microbox {}\n-> {:?}\nstdout: {}\nstderr: {}",
-            args.join(" "),
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(out.status.success(), "microbox {args:?} failed");
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn inspect(&self, name: &str) -> serde_json::Value {
-        let v: serde_json::Value = serde_json::from_str(&self.ok(&["inspect", name])).unwrap();
-        v[0].clone()
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        // Whatever a failed test left: stop it, so no VM outlives the test.
-        let _ = self.cmd(&["rm", "-f"]).output();
-        if let Ok(out) = self.cmd(&["ps", "-aq"]).output() {
-            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = self.cmd(&["rm", "-f", id]).output();
-            }
-        }
-    }
-}
-
-/// Processes whose command line mentions `dir` (the box's directory): QEMU and its helpers.
-fn processes_mentioning(dir: &Path) -> Vec<u32> {
-    let needle = dir.as_os_str().as_encoded_bytes().to_vec();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| c.windows(needle.len()).any(|w| w == needle))
-                .unwrap_or(false)
-        })
-        .collect()
-}
 
 #[test]
 fn run_streams_output_and_returns_the_exit_code() {
