@@ -137,8 +137,7 @@ pub fn logs(
         std::io::stdout().write_all(&text)?;
         return Ok(());
     }
-    let path = logs::log_path(&dir);
-    let (chunks, mut offset) = logs::read_from(&path, 0)?;
+    let (mut follower, chunks) = logs::LogFollower::from_start(&dir)?;
     let chunks = match tail {
         Some(n) => logs::tail(chunks, n),
         None => chunks,
@@ -148,8 +147,7 @@ pub fn logs(
         return Ok(());
     }
     loop {
-        let (more, next) = logs::read_from(&path, offset)?;
-        offset = next;
+        let more = follower.poll()?;
         logs::print_chunks(&more, timestamps)?;
         if more.is_empty() {
             let r = match store.load(&rec.id) {
@@ -158,8 +156,7 @@ pub fn logs(
             };
             if r.state == BoxState::Stopped {
                 // Drain what the supervisor wrote before it recorded the end.
-                let (rest, _) = logs::read_from(&path, offset)?;
-                return logs::print_chunks(&rest, timestamps);
+                return logs::print_chunks(&follower.poll()?, timestamps);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
