@@ -168,7 +168,7 @@ fn pid_alive(pid: u32) -> bool {
 /// Streams the box log to our stdout/stderr until the box stops, then exits with its code.
 /// ^C asks the box to stop (like Docker's signal proxy), and we keep following until it has.
 fn follow_until_stopped(store: &BoxStore, rec: &BoxRecord) -> Result<()> {
-    let path = logs::log_path(&store.box_dir(&rec.id));
+    let dir = store.box_dir(&rec.id);
     let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = interrupted.clone();
     let sup = rec.supervisor;
@@ -189,10 +189,10 @@ fn follow_until_stopped(store: &BoxStore, rec: &BoxRecord) -> Result<()> {
             });
         }
     });
-    let mut offset = 0;
+    let (mut follower, chunks) = logs::LogFollower::from_start(&dir)?;
+    logs::print_chunks(&chunks, false)?;
     loop {
-        let (chunks, next) = logs::read_from(&path, offset)?;
-        offset = next;
+        let chunks = follower.poll()?;
         logs::print_chunks(&chunks, false)?;
         if chunks.is_empty() {
             let r = match store.load(&rec.id) {
@@ -200,8 +200,7 @@ fn follow_until_stopped(store: &BoxStore, rec: &BoxRecord) -> Result<()> {
                 Err(_) => return Err(UserError::new("the box was removed while running").into()),
             };
             if r.state == BoxState::Stopped {
-                let (rest, _) = logs::read_from(&path, offset)?;
-                logs::print_chunks(&rest, false)?;
+                logs::print_chunks(&follower.poll()?, false)?;
                 return finish(store, &r);
             }
             std::thread::sleep(Duration::from_millis(30));
@@ -421,8 +420,27 @@ pub fn exec(ctx: &Ctx, args: ExecArgs) -> Result<()> {
         Ok(c) => Err(WorkloadExit(c.clamp(0, 255) as u8).into()),
         Err(e) => {
             let code = exec_error_code(&e);
-            Err(UserError::with_code(format!("{e:#}"), code).into())
+            Err(UserError::with_code(describe_agent_error(&rec, &e), code).into())
         }
+    }
+}
+
+/// An agent error as one line; a broken connection (the agent or the VM does not answer) says
+/// so and where to look, rather than only "transport error".
+fn describe_agent_error(rec: &BoxRecord, e: &anyhow::Error) -> String {
+    let unreachable = e.chain().any(|c| {
+        c.downcast_ref::<AgentClientError>()
+            .and_then(AgentClientError::code)
+            .is_some_and(|code| matches!(code, tonic::Code::Unknown | tonic::Code::Unavailable))
+    }) && format!("{e:#}").contains("transport error");
+    if unreachable {
+        format!(
+            "box '{}' does not answer: its agent could not be reached ({e:#}); \
+             see: microbox logs --console {}",
+            rec.name, rec.name
+        )
+    } else {
+        format!("{e:#}")
     }
 }
 
@@ -546,10 +564,15 @@ pub fn health(ctx: &Ctx, key: &str) -> Result<()> {
     let Some(sock) = rec.agent_socket.clone().filter(|_| rec.state.is_running()) else {
         return Err(UserError::with_code(format!("box '{}' is not running", rec.name), 1).into());
     };
-    let healthy = ctx.tokio()?.block_on(async {
-        let c = AgentClient::connect_unix(&sock).await?;
-        c.health().await.map_err(anyhow::Error::from)
-    })?;
+    let healthy = ctx
+        .tokio()?
+        .block_on(async {
+            let c = AgentClient::connect_unix(&sock).await?;
+            c.health().await.map_err(anyhow::Error::from)
+        })
+        .map_err(|e| {
+            UserError::with_code(format!("unhealthy: {}", describe_agent_error(&rec, &e)), 1)
+        })?;
     if healthy {
         println!("healthy");
         Ok(())
