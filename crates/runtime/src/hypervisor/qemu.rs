@@ -24,6 +24,9 @@ use crate::process::{find_program, ExitInfo, ManagedProcess};
 /// Guest context id of every box (each box has its own vsock device, so they never clash).
 pub const GUEST_CID: u32 = 3;
 const HELPER_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// The guest can write to its serial console without end; past this size the host's copy is
+/// cut back to empty (QEMU appends, so it goes on writing at the new end).
+const CONSOLE_LOG_MAX: u64 = 16 << 20;
 
 /// The QEMU backend (stateless: everything per VM lives in [`QemuVm`]).
 #[derive(Debug, Default)]
@@ -118,7 +121,10 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>, kernel_vhost_vsock: bool) 
     ]);
     push(&[
         "-chardev",
-        &format!("file,id=console,path={}", bp.console_log().display()),
+        &format!(
+            "file,id=console,path={},append=on",
+            bp.console_log().display()
+        ),
     ]);
     push(&["-serial", "chardev:console"]);
     push(&[
@@ -163,6 +169,29 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>, kernel_vhost_vsock: bool) 
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
     ]);
     a
+}
+
+/// Keeps the console log of a running VM below [`CONSOLE_LOG_MAX`] (a hostile guest flooding
+/// its serial port must not fill the host's disk). Ends with QEMU.
+async fn bound_console_log(path: PathBuf, mut exit: watch::Receiver<Option<ExitInfo>>) {
+    loop {
+        tokio::select! {
+            _ = exit.wait_for(|e| e.is_some()) => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let too_big = std::fs::metadata(&path).is_ok_and(|m| m.len() > CONSOLE_LOG_MAX);
+        if too_big {
+            if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path) {
+                let _ = f.set_len(0);
+                let mut f = f;
+                let _ = std::io::Write::write_all(
+                    &mut f,
+                    format!("[microbox: console log cut at {CONSOLE_LOG_MAX} bytes]\n").as_bytes(),
+                );
+                tracing::warn!(path = %path.display(), "console log over its limit; cut");
+            }
+        }
+    }
 }
 
 impl Hypervisor for QemuBackend {
@@ -317,6 +346,7 @@ impl QemuVm {
         })?;
         self.qemu = Some(q);
         let q = self.qemu.as_ref().expect("just set");
+        tokio::spawn(bound_console_log(bp.console_log(), q.exit_watch()));
         wait_for_socket(&bp.qmp_socket(), q, &log, HELPER_START_TIMEOUT).await?;
         Ok(())
     }
