@@ -18,8 +18,6 @@ pub struct HostInfo {
     pub qemu: Option<PathBuf>,
     pub virtiofsd: Option<PathBuf>,
     pub vhost_device_vsock: Option<PathBuf>,
-    /// Kernel vhost-vsock (`/dev/vhost-vsock`) is used instead of vhost-device-vsock when present.
-    pub kernel_vhost_vsock: bool,
     /// Whether the libkrun backend could run here, or why not.
     pub krun: Result<(), String>,
     pub kernel: Result<kernel::Kernel, String>,
@@ -48,7 +46,6 @@ pub fn host_info() -> HostInfo {
         qemu: find_program("qemu-system-x86_64", "MICROBOX_QEMU"),
         virtiofsd: find_program("virtiofsd", "MICROBOX_VIRTIOFSD"),
         vhost_device_vsock: find_program("vhost-device-vsock", "MICROBOX_VHOST_VSOCK"),
-        kernel_vhost_vsock: std::path::Path::new("/dev/vhost-vsock").exists(),
         krun,
         kernel: kernel::find_kernel(None).map_err(|e| e.to_string()),
         agent: agent::find_agent().map_err(|e| e.to_string()),

@@ -2,12 +2,12 @@
 //!
 //! Per box: one virtiofsd per shared directory (image root, writable layer, volumes), one
 //! vhost-device-vsock (userspace virtio-vsock with the hybrid-vsock Unix socket the agent client
-//! uses; kernel vhost-vsock is used instead when `/dev/vhost-vsock` exists), and QEMU itself with:
+//! uses), and QEMU itself with:
 //! memfd shared guest memory (vhost-user devices map it), the serial console in `console.log`,
 //! a QMP socket, a virtio-balloon with free page reporting (compaction), `-nodefaults`, and the
 //! seccomp sandbox (`-sandbox on,...`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -86,7 +86,12 @@ pub fn kernel_cmdline(accel: Accel, tsc_khz: Option<u64>, extra: &str) -> String
 }
 
 /// QEMU arguments for `spec` (pure; unit-tested).
-pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>, kernel_vhost_vsock: bool) -> Vec<String> {
+///
+/// vsock is always vhost-device-vsock, also where kernel vhost-vsock (`/dev/vhost-vsock`)
+/// exists: kernel vsock needs a host-wide unique CID per box and AF_VSOCK connections from the
+/// host, while the userspace device gives each box a private Unix socket in its 0700 directory
+/// and behaves the same on every host.
+pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
     let bp = &spec.box_paths;
     let mem = spec.memory_mib;
     let mut a: Vec<String> = Vec::new();
@@ -144,18 +149,11 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>, kernel_vhost_vsock: bool) 
             &format!("vhost-user-fs-device,chardev=fs{i},tag={}", s.tag),
         ]);
     }
-    if kernel_vhost_vsock {
-        push(&[
-            "-device",
-            &format!("vhost-vsock-device,guest-cid={GUEST_CID}"),
-        ]);
-    } else {
-        push(&[
-            "-chardev",
-            &format!("socket,id=vsock,path={}", bp.vhost_vsock_socket().display()),
-        ]);
-        push(&["-device", "vhost-user-vsock-device,chardev=vsock"]);
-    }
+    push(&[
+        "-chardev",
+        &format!("socket,id=vsock,path={}", bp.vhost_vsock_socket().display()),
+    ]);
+    push(&["-device", "vhost-user-vsock-device,chardev=vsock"]);
     push(&["-device", "virtio-balloon-device,free-page-reporting=on"]);
     if let Some(net) = &spec.net {
         let mut nd = String::from("user,id=net0");
@@ -202,9 +200,7 @@ impl Hypervisor for QemuBackend {
     fn check(&self, _accel: Accel) -> Result<(), HypervisorError> {
         Self::qemu()?;
         Self::virtiofsd()?;
-        if !Path::new("/dev/vhost-vsock").exists() {
-            Self::vsock_device()?;
-        }
+        Self::vsock_device()?;
         Ok(())
     }
 
@@ -218,7 +214,6 @@ impl Hypervisor for QemuBackend {
                 qemu: None,
                 qmp: Mutex::new(None),
                 spec: spec.clone(),
-                kernel_vsock: Path::new("/dev/vhost-vsock").exists(),
             };
             match vm.start().await {
                 Ok(()) => Ok(Box::new(vm) as Box<dyn VmHandle>),
@@ -239,20 +234,13 @@ pub struct QemuVm {
     qemu: Option<ManagedProcess>,
     qmp: Mutex<Option<Qmp>>,
     spec: VmSpec,
-    /// The guest's vsock is kernel vhost-vsock rather than vhost-device-vsock.
-    kernel_vsock: bool,
 }
 
 impl QemuVm {
     async fn start(&mut self) -> Result<(), HypervisorError> {
         let qemu_bin = QemuBackend::qemu()?;
         let virtiofsd = QemuBackend::virtiofsd()?;
-        let kernel_vsock = self.kernel_vsock;
-        let vsock_dev = if kernel_vsock {
-            None
-        } else {
-            Some(QemuBackend::vsock_device()?)
-        };
+        let vsock_dev = QemuBackend::vsock_device()?;
         let bp = self.spec.box_paths.clone();
 
         // Start all helpers first, then wait for their sockets together (they start in parallel).
@@ -293,7 +281,8 @@ impl QemuVm {
             self.helpers.push(p);
             waits.push((sock, self.helpers.len() - 1, log));
         }
-        if let Some(dev) = vsock_dev {
+        {
+            let dev = vsock_dev;
             let sock = bp.vhost_vsock_socket();
             let _ = std::fs::remove_file(&sock);
             let _ = std::fs::remove_file(bp.vsock_uds());
@@ -330,7 +319,7 @@ impl QemuVm {
         } else {
             None
         };
-        let args = qemu_args(&self.spec, tsc, kernel_vsock);
+        let args = qemu_args(&self.spec, tsc);
         let log = bp.dir.join("qemu.log");
         tracing::debug!(args = ?args, "starting qemu");
         let q = ManagedProcess::spawn(
@@ -490,9 +479,8 @@ impl VmHandle for QemuVm {
     }
 
     fn ready_notification(&self) -> bool {
-        // vhost-device-vsock routes guest-to-host connections to `<uds>_<port>`; kernel
-        // vhost-vsock delivers them to host AF_VSOCK listeners instead.
-        !self.kernel_vsock
+        // vhost-device-vsock routes guest-to-host connections to `<uds>_<port>`.
+        true
     }
 
     fn powerdown(&self) -> BoxFuture<'_, Result<(), HypervisorError>> {
@@ -566,7 +554,7 @@ mod tests {
 
     #[test]
     fn args_have_limits_sandbox_and_devices() {
-        let a = qemu_args(&spec(), Some(2_500_000), false).join(" ");
+        let a = qemu_args(&spec(), Some(2_500_000)).join(" ");
         assert!(a.contains("-m 384M -smp 2"), "{a}");
         assert!(a.contains("memory-backend-memfd,id=mem,size=384M,share=on"));
         assert!(a.contains(
@@ -579,8 +567,7 @@ mod tests {
         assert!(a.contains("microbox.x=1"));
         assert!(a.contains("hostfwd=tcp:127.0.0.1:8080-:80"));
         assert!(a.contains("-nodefaults"));
-        let k = qemu_args(&spec(), None, true).join(" ");
-        assert!(k.contains("vhost-vsock-device,guest-cid=3"));
+        let k = qemu_args(&spec(), None).join(" ");
         assert!(!k.contains("tsc_early_khz"));
     }
 
