@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Boots the static microbox-agent as PID 1 in a real QEMU microvm (TCG) with a busybox root on
 # virtio-fs, a read-only volume, user-mode networking and vhost-device-vsock, then runs the
-# agent_host `real_vm_agent` test against it through the hybrid-vsock socket and powers the VM
+# `vm_agent` test against it through the hybrid-vsock socket and powers the VM
 # off with Shutdown. Every helper process is stopped on exit.
 #   crates/agent/scripts/vm-smoke.sh            (from the workspace root)
 #   crates/agent/scripts/vm-smoke.sh --bench    also runs the agent_rtt benchmark in the VM
@@ -105,7 +105,7 @@ if [ "${1:-}" = --bench ]; then
 fi
 MICROBOX_AGENT_TEST_VSOCK="$WORK/vsock.sock" MICROBOX_AGENT_TEST_SHUTDOWN=1 \
 MICROBOX_AGENT_TEST_SCRIPT="$SCRIPT" \
-  cargo test -q -p microbox-runtime --test agent_host real_vm_agent -- --ignored --nocapture || status=$?
+  cargo test -q -p microbox-runtime --test vm_agent -- --nocapture || status=$?
 
 # Shutdown must power the VM off by itself.
 for _ in $(seq 100); do kill -0 "$QEMU" 2>/dev/null || break; sleep 0.1; done
