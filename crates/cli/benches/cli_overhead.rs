@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use microbox_core::{BoxConfig, EventEmitter};
 use microbox_runtime::{ExecRequest, VmManager};
+use microbox_testsupport::bench::{record, Figure};
 
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
@@ -85,10 +86,14 @@ fn main() {
         ms(c)
     );
     println!("in-process boot+exec+destroy median {:>6.1} ms", ms(p));
-    println!(
-        "ratio cli/in-process       {:>8.3}  (target <= 1.05)",
-        c.as_secs_f64() / p.as_secs_f64()
-    );
+    record(Figure {
+        bench: "cli_overhead",
+        name: "microbox run --rm IMAGE true (image stored), median",
+        unit: "ms",
+        value: ms(c),
+        baseline: Some(("in-process boot + exec + destroy", ms(p))),
+        target: Some("ratio <= 1.05"),
+    });
 
     // exec round trips on one running box.
     let execs: usize = std::env::var("BENCH_EXECS")
@@ -128,8 +133,16 @@ fn main() {
         ms(pct(&mut in_proc, 0.5)),
         ms(pct(&mut in_proc, 0.99))
     );
-    println!(
-        "ratio exec cli/in-process  {:>8.3}",
-        pct(&mut via_cli, 0.5).as_secs_f64() / pct(&mut in_proc, 0.5).as_secs_f64()
-    );
+    for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
+        let name = format!("microbox exec BOX true {label}");
+        let base = format!("in-process exec(true) {label}");
+        record(Figure {
+            bench: "cli_overhead",
+            name: &name,
+            unit: "ms",
+            value: ms(pct(&mut via_cli, p)),
+            baseline: Some((&base, ms(pct(&mut in_proc, p)))),
+            target: None,
+        });
+    }
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use microbox_core::{BoxConfig, EventEmitter};
 use microbox_runtime::VmManager;
+use microbox_testsupport::bench::{record, Figure};
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
@@ -65,13 +66,15 @@ fn main() {
         destroy_all(vms).await;
         let (vms, many) = boot_n(&img, root.path(), max).await;
         destroy_all(vms).await;
-        println!(
-            "boot to healthy: 1 box {:.2} s, {max} at once {:.2} s  (ratio {:.2}, per box {:.2} s)",
-            one.as_secs_f64(),
-            many.as_secs_f64(),
-            many.as_secs_f64() / one.as_secs_f64(),
-            many.as_secs_f64() / max as f64
-        );
+        let name = format!("{max} boxes booted at once, until all healthy");
+        record(Figure {
+            bench: "density",
+            name: &name,
+            unit: "ms",
+            value: many.as_secs_f64() * 1e3,
+            baseline: Some(("one box alone", one.as_secs_f64() * 1e3)),
+            target: None,
+        });
 
         println!("idle boxes  RSS/box before compact  after compact  fit in 20 GiB (after)");
         let mut per_box_after = 0.0;
@@ -91,11 +94,25 @@ fn main() {
                 mib(after) / n as f64,
                 20.0 * GIB / per_box_after
             );
+            let name = format!("host RSS per idle box, {n} running, after compact()");
+            record(Figure {
+                bench: "density",
+                name: &name,
+                unit: "MiB",
+                value: mib(after) / n as f64,
+                baseline: Some(("before compact()", mib(before) / n as f64)),
+                target: None,
+            });
             destroy_all(vms).await;
         }
-        println!(
-            "extrapolated: about {:.0} idle boxes in 20 GiB (from the {max}-box point)",
-            20.0 * GIB / per_box_after
-        );
+        let name = format!("idle boxes that fit in 20 GiB (from the {max}-box point)");
+        record(Figure {
+            bench: "density",
+            name: &name,
+            unit: "boxes",
+            value: (20.0 * GIB / per_box_after).floor(),
+            baseline: None,
+            target: None,
+        });
     });
 }

@@ -15,6 +15,8 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use microbox_testsupport::bench::{record, Figure};
+
 fn mib_per_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / (1024.0 * 1024.0) / d.as_secs_f64()
 }
@@ -132,10 +134,14 @@ fn main() {
     let d_loop = send_to(("127.0.0.1", base_port), bytes);
     h.join().unwrap();
     let (a, b) = (mib_per_s(bytes, d_box), mib_per_s(bytes, d_loop));
-    println!(
-        "host->guest TCP   {a:>9.1} MiB/s   loopback {b:>9.1} MiB/s   ratio {:.4}",
-        a / b
-    );
+    record(Figure {
+        bench: "network",
+        name: "TCP host->guest through -p (slirp)",
+        unit: "MiB/s",
+        value: a,
+        baseline: Some(("host loopback", b)),
+        target: None,
+    });
 
     // guest -> host
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -156,10 +162,14 @@ fn main() {
     send_to(("127.0.0.1", lp), bytes);
     let (_, d_loop) = h.join().unwrap();
     let (a, b) = (mib_per_s(bytes, d_box), mib_per_s(bytes, d_loop));
-    println!(
-        "guest->host TCP   {a:>9.1} MiB/s   loopback {b:>9.1} MiB/s   ratio {:.4}",
-        a / b
-    );
+    record(Figure {
+        bench: "network",
+        name: "TCP guest->host via the gateway (slirp)",
+        unit: "MiB/s",
+        value: a,
+        baseline: Some(("host loopback", b)),
+        target: None,
+    });
 
     // HTTP latency
     let mut via_box: Vec<Duration> = (0..reqs).map(|_| http_get(http_port)).collect();
@@ -183,13 +193,16 @@ fn main() {
         pct(&mut base, 0.5),
         pct(&mut base, 0.99),
     );
-    println!(
-        "HTTP via -p       p50 {:>7.2} ms p99 {:>7.2} ms   loopback p50 {:>6.3} ms p99 {:>6.3} ms   p50 ratio {:.1}",
-        ms(p50),
-        ms(p99),
-        ms(b50),
-        ms(b99),
-        p50.as_secs_f64() / b50.as_secs_f64()
-    );
+    for (label, v, b) in [("p50", p50, b50), ("p99", p99, b99)] {
+        let name = format!("HTTP GET through -p, {label}");
+        record(Figure {
+            bench: "network",
+            name: &name,
+            unit: "ms",
+            value: ms(v),
+            baseline: Some(("host loopback", ms(b))),
+            target: None,
+        });
+    }
     cli(&["rm", "-f", "net"]);
 }

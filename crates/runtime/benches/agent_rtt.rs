@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use microbox_runtime::agent_client::{
     connect_hybrid_vsock_stream, AgentClient, ExecSpec, TransferFormat,
 };
+use microbox_testsupport::bench::{record, Figure};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 const ECHO_PORT: u32 = 5000;
@@ -110,8 +111,22 @@ async fn agent_rows(c: &AgentClient, n: usize) -> Vec<Row> {
     ]
 }
 
-fn print(title: &str, n: usize, raw: Row, rows: Vec<Row>) {
+fn print(title: &str, label: &str, n: usize, raw: Row, rows: Vec<Row>) {
     println!("{title} ({n} calls each)");
+    for r in &rows {
+        for (pct, v, base) in [("p50", r.p50, raw.p50), ("p99", r.p99, raw.p99)] {
+            let name = format!("{label}: {} {pct}", r.name);
+            let base_name = format!("raw 4-byte round trip {pct}");
+            record(Figure {
+                bench: "agent_rtt",
+                name: &name,
+                unit: "ms",
+                value: ms(v),
+                baseline: Some((&base_name, ms(base))),
+                target: (r.name.starts_with("exec") && pct == "p50").then_some("ratio <= 2"),
+            });
+        }
+    }
     println!(
         "  {:<16} p50 {:>8.3} ms   p99 {:>8.3} ms",
         raw.name,
@@ -206,6 +221,7 @@ async fn bench_vm(uds: PathBuf, n: usize) {
     let rows = agent_rows(&c, n).await;
     print(
         &format!("box VM via hybrid vsock {}", uds.display()),
+        "microVM via vsock",
         n,
         raw,
         rows,
@@ -246,7 +262,13 @@ async fn bench_host(n: usize) {
         .expect("echo");
     let raw = raw_rtt(&mut s, n).await;
     let rows = agent_rows(&c, n).await;
-    print("agent on this host via a Unix socket", n, raw, rows);
+    print(
+        "agent on this host via a Unix socket",
+        "agent on the host via Unix socket",
+        n,
+        raw,
+        rows,
+    );
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -259,6 +281,21 @@ async fn main() {
         .unwrap_or(if benching { 300 } else { 20 });
     match std::env::var_os("MICROBOX_AGENT_TEST_VSOCK") {
         Some(uds) => bench_vm(PathBuf::from(uds), n).await,
+        None if benching => {
+            bench_host(n).await;
+            // And a real box booted for the purpose.
+            let root = tempfile::tempdir().expect("tempdir");
+            let mut cfg = microbox_core::BoxConfig::new(microbox_testsupport::image("busybox"));
+            cfg.network = microbox_core::NetworkMode::None;
+            let vm = microbox_runtime::VmManager::with_root(
+                cfg,
+                microbox_core::EventEmitter::default(),
+                root.path(),
+            );
+            vm.boot().await.expect("booting the benchmark box");
+            bench_vm(vm.box_dir().join("vsock.sock"), n).await;
+            vm.destroy().await.expect("destroy");
+        }
         None => bench_host(n).await,
     }
 }

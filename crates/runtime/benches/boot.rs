@@ -17,6 +17,7 @@ use microbox_runtime::agent_client::AgentClient;
 use microbox_runtime::hypervisor::qemu::kernel_cmdline;
 use microbox_runtime::process::{find_program, ManagedProcess};
 use microbox_runtime::VmManager;
+use microbox_testsupport::bench::{record, Figure};
 
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
@@ -117,6 +118,9 @@ async fn baseline_boot(a: &Assets, dir: &Path) -> Duration {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    // Like the runtime: the first host CONNECT waits for the agent's READY on port 4089 (an
+    // earlier one can kill vhost-device-vsock's queue worker).
+    let ready = tokio::net::UnixListener::bind(dir.join("vsock.sock_4089")).unwrap();
     let qemu = ManagedProcess::spawn(
         "qemu",
         &find_program("qemu-system-x86_64", "MICROBOX_QEMU").unwrap(),
@@ -125,6 +129,15 @@ async fn baseline_boot(a: &Assets, dir: &Path) -> Duration {
         None,
     )
     .unwrap();
+    let (mut note, _) = tokio::time::timeout(Duration::from_secs(120), ready.accept())
+        .await
+        .expect("baseline guest never said READY")
+        .unwrap();
+    let mut line = [0u8; 6];
+    tokio::io::AsyncReadExt::read_exact(&mut note, &mut line)
+        .await
+        .unwrap();
+    assert_eq!(&line, microbox_agent_proto::READY_LINE);
     loop {
         if let Ok(c) = AgentClient::connect_hybrid_vsock(&uds, 4088).await {
             if c.health().await.unwrap_or(false) {
@@ -226,15 +239,26 @@ async fn main() {
     }
     let mo = median(&mut ours);
     let mb = median(&mut base);
-    println!("median boot to agent ready: microbox {:.0} ms, baseline {:.0} ms, ratio {:.3} (target <= 1.10)", ms(mo), ms(mb), mo.as_secs_f64() / mb.as_secs_f64());
+    record(Figure {
+        bench: "boot",
+        name: "boot() to agent ready, median",
+        unit: "ms",
+        value: ms(mo),
+        baseline: Some(("bare QEMU, same kernel/initramfs/helpers", ms(mb))),
+        target: Some("ratio <= 1.10"),
+    });
     println!("phase medians (microbox):");
     for (i, p) in BootPhase::ALL.iter().enumerate() {
         if !phases[i].is_empty() {
-            println!(
-                "  {:<12} {:>7.1} ms",
-                p.as_str(),
-                ms(median(&mut phases[i]))
-            );
+            let name = format!("boot phase {}, median", p.as_str());
+            record(Figure {
+                bench: "boot",
+                name: &name,
+                unit: "ms",
+                value: ms(median(&mut phases[i])),
+                baseline: None,
+                target: None,
+            });
         }
     }
 
@@ -251,6 +275,14 @@ async fn main() {
         rep.rss_after_bytes as f64 / 1048576.0,
         rep.method
     );
+    record(Figure {
+        bench: "boot",
+        name: "idle box host RSS after compact()",
+        unit: "MiB",
+        value: rep.rss_after_bytes as f64 / 1048576.0,
+        baseline: Some(("before compact()", rep.rss_before_bytes as f64 / 1048576.0)),
+        target: None,
+    });
     for p in vm.processes() {
         println!(
             "  {:<20} {:.1} MiB",
@@ -260,9 +292,13 @@ async fn main() {
     }
     let t = Instant::now();
     vm.stop(Duration::from_secs(10)).await.unwrap();
-    println!(
-        "stop() (agent Shutdown -> guest power-off -> helpers ended): {:.0} ms",
-        ms(t.elapsed())
-    );
+    record(Figure {
+        bench: "boot",
+        name: "stop() (Shutdown, power-off, helpers ended)",
+        unit: "ms",
+        value: ms(t.elapsed()),
+        baseline: None,
+        target: None,
+    });
     vm.destroy().await.unwrap();
 }

@@ -14,6 +14,7 @@
 //! Helpers for tests that build their own images ([`build_image_from_tars`], [`push_layout`])
 //! live here too. Everything panics with the failing command and its stderr: this is test code.
 
+pub mod bench;
 pub mod faultproxy;
 
 use std::collections::HashMap;
