@@ -10,6 +10,14 @@
 //! Semantics follow the OCI layer spec: `.wh.NAME` removes NAME from lower layers,
 //! `.wh..wh..opq` hides everything below the directory that this layer did not write, an
 //! entry replaces an existing non-directory (or a directory, unless both are directories).
+//!
+//! Creating files is most of the work (and system time): regular files of up to
+//! [`PARALLEL_FILE_MAX`] bytes are written by a few worker threads while the tar stream is read
+//! on. The tar order is kept where it matters: the main thread resolves (and creates) every
+//! parent directory itself, an entry waits for an in-flight file of the same name in the same
+//! directory, and everything that removes a directory, follows a hard link or applies a whiteout
+//! first waits for all in-flight files. Workers only ever create one new name in a directory fd
+//! the main thread opened, with the same `O_EXCL | O_NOFOLLOW` as the sequential path.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -42,6 +50,8 @@ pub fn decompress<'a, R: Read + 'a>(reader: R) -> std::io::Result<Box<dyn Read +
 pub struct Extractor {
     root: OwnedFd,
     privileged: bool,
+    /// File-writing threads per layer (0: the main thread writes everything).
+    threads: usize,
 }
 
 struct Ctx<'a> {
@@ -80,7 +90,14 @@ impl Extractor {
         Ok(Extractor {
             root: fd,
             privileged: rustix::process::geteuid().is_root(),
+            threads: default_threads(),
         })
+    }
+
+    /// Sets the number of file-writing threads (0 extracts sequentially).
+    pub fn with_threads(mut self, threads: usize) -> Extractor {
+        self.threads = threads;
+        self
     }
 
     /// Applies one (possibly compressed) layer tar stream. `layer` is the digest used in errors.
@@ -105,15 +122,27 @@ impl Extractor {
         let entries = archive
             .entries()
             .map_err(|e| ctx0.err(format!("read tar: {e}")))?;
-        for entry in entries {
-            let mut entry = entry.map_err(|e| ctx0.err(format!("read tar entry: {e}")))?;
-            let raw = entry.path_bytes().into_owned();
-            let ctx = Ctx {
-                layer,
-                entry: String::from_utf8_lossy(&raw).into_owned(),
-            };
-            self.apply_entry(&ctx, &mut entry, &raw, &mut written, &mut dir_times)?;
-        }
+        let pool = Writers::new(self.threads);
+        std::thread::scope(|scope| -> Result<()> {
+            for _ in 0..pool.threads {
+                scope.spawn(|| pool.work(self, layer));
+            }
+            let result = (|| {
+                for entry in entries {
+                    let mut entry = entry.map_err(|e| ctx0.err(format!("read tar entry: {e}")))?;
+                    let raw = entry.path_bytes().into_owned();
+                    let ctx = Ctx {
+                        layer,
+                        entry: String::from_utf8_lossy(&raw).into_owned(),
+                    };
+                    pool.failed()?;
+                    self.apply_entry(&ctx, &mut entry, &raw, &mut written, &mut dir_times, &pool)?;
+                }
+                pool.drain()
+            })();
+            pool.close();
+            result.and(pool.drain())
+        })?;
         // Directory mtimes last: creating children changes them. Unprivileged, directories
         // were kept owner-writable until now (a 0500 directory must still receive children).
         for (rel, ts, mode) in dir_times.iter().rev() {
@@ -139,7 +168,14 @@ impl Extractor {
     }
 
     /// Opens (creating 0755 directories as needed) the parent directory `comps` inside root.
-    fn ensure_dir(&self, ctx: &Ctx, comps: &[&[u8]]) -> Result<OwnedFd> {
+    /// `before_create` runs before the first directory is created (the writer pool drains, so
+    /// that no in-flight file races a new directory of its name).
+    fn ensure_dir(
+        &self,
+        ctx: &Ctx,
+        comps: &[&[u8]],
+        before_create: &dyn Fn() -> Result<()>,
+    ) -> Result<OwnedFd> {
         let full = comps.join(&b'/');
         match self.open_in_root(&full, OFlags::PATH | DIR_FLAGS) {
             Ok(fd) => return Ok(fd),
@@ -154,6 +190,7 @@ impl Extractor {
             match self.open_in_root(&prefix, OFlags::PATH | DIR_FLAGS) {
                 Ok(next) => fd = next,
                 Err(Errno::NOENT) => {
+                    before_create()?;
                     // `fd` is the already-confined parent; the name is a single component, and
                     // `..` never reaches here (it always exists).
                     match rustix::fs::mkdirat(&fd, OsStr::from_bytes(comps[i]), Mode::from(0o755)) {
@@ -177,6 +214,7 @@ impl Extractor {
         raw: &[u8],
         written: &mut HashSet<Vec<u8>>,
         dir_times: &mut Vec<DirFixup>,
+        pool: &Writers,
     ) -> Result<()> {
         let comps = components(raw);
         let Some((name, parents)) = comps.split_last() else {
@@ -189,12 +227,16 @@ impl Extractor {
         let rel = comps.join(&b'/');
 
         if let Some(target) = name.strip_prefix(b".wh.") {
+            pool.drain()?;
             return self.whiteout(ctx, parents, target, written);
         }
 
         let kind = entry.header().entry_type();
-        let parent = self.ensure_dir(ctx, parents)?;
+        let parent = self.ensure_dir(ctx, parents, &|| pool.drain())?;
         let name_os = OsStr::from_bytes(name);
+        // Nothing may touch this name while a worker still writes it.
+        let key = Writers::key(&parent, name).map_err(|e| ctx.errno("stat parent directory", e))?;
+        pool.wait_for(&key);
         let header = entry.header();
         let mode = Mode::from(header.mode().map_err(|e| ctx.err(format!("mode: {e}")))? & 0o7777);
         let uid = header.uid().map_err(|e| ctx.err(format!("uid: {e}")))?;
@@ -237,8 +279,14 @@ impl Extractor {
         match existing {
             Ok(st)
                 if is_dir_entry && FileType::from_raw_mode(st.st_mode) == FileType::Directory => {}
-            Ok(_) => remove_all_at(parent.as_fd(), name_os, self.privileged)
-                .map_err(|e| ctx.errno("remove existing entry", e))?,
+            Ok(st) => {
+                if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+                    // In-flight files may be inside the directory that goes.
+                    pool.drain()?;
+                }
+                remove_all_at(parent.as_fd(), name_os, self.privileged)
+                    .map_err(|e| ctx.errno("remove existing entry", e))?
+            }
             Err(Errno::NOENT) => {}
             Err(e) => return Err(ctx.errno("stat existing entry", e)),
         }
@@ -266,21 +314,28 @@ impl Extractor {
                 }
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let fd = rustix::fs::openat(
-                    &parent,
-                    name_os,
-                    OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::WRONLY
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    Mode::from(0o600),
-                )
-                .map_err(|e| ctx.errno("create file", e))?;
-                let mut f = File::from(fd);
-                std::io::copy(entry, &mut f).map_err(|e| ctx.err(format!("write file: {e}")))?;
-                self.set_meta_fd(ctx, f.as_fd(), uid, gid, mode, &xattrs)?;
-                rustix::fs::futimens(&f, &ts).map_err(|e| ctx.errno("set mtime", e))?;
+                let meta = FileMeta {
+                    uid,
+                    gid,
+                    mode,
+                    ts,
+                    xattrs,
+                };
+                if pool.threads > 0 && entry.size() <= PARALLEL_FILE_MAX {
+                    let mut data = Vec::with_capacity(entry.size() as usize);
+                    entry
+                        .read_to_end(&mut data)
+                        .map_err(|e| ctx.err(format!("read file: {e}")))?;
+                    pool.submit(FileJob {
+                        key,
+                        parent,
+                        entry: ctx.entry.clone(),
+                        data,
+                        meta,
+                    });
+                } else {
+                    self.write_file(ctx, &parent, name, &meta, entry)?;
+                }
             }
             tar::EntryType::Symlink => {
                 let target = entry
@@ -302,6 +357,8 @@ impl Extractor {
                     .map_err(|e| ctx.errno("set symlink mtime", e))?;
             }
             tar::EntryType::Link => {
+                // The target may be a file a worker has not created yet.
+                pool.drain()?;
                 let target = entry
                     .link_name_bytes()
                     .ok_or_else(|| ctx.err("hard link without target"))?;
@@ -378,8 +435,30 @@ impl Extractor {
                 return Err(ctx.err(format!("unsupported tar entry type {other:?}")));
             }
         }
-        written.insert(rel);
+        note_written(written, rel);
         Ok(())
+    }
+
+    /// Creates `name` (which must not exist) in `parent` with `data` and `meta`.
+    fn write_file(
+        &self,
+        ctx: &Ctx,
+        parent: &OwnedFd,
+        name: &[u8],
+        meta: &FileMeta,
+        data: &mut dyn Read,
+    ) -> Result<()> {
+        let fd = rustix::fs::openat(
+            parent,
+            OsStr::from_bytes(name),
+            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from(0o600),
+        )
+        .map_err(|e| ctx.errno("create file", e))?;
+        let mut f = File::from(fd);
+        std::io::copy(data, &mut f).map_err(|e| ctx.err(format!("write file: {e}")))?;
+        self.set_meta_fd(ctx, f.as_fd(), meta.uid, meta.gid, meta.mode, &meta.xattrs)?;
+        rustix::fs::futimens(&f, &meta.ts).map_err(|e| ctx.errno("set mtime", e))
     }
 
     fn set_meta_fd(
@@ -448,6 +527,185 @@ impl Extractor {
             .map_err(|e| ctx.errno("open whiteout parent", e))?;
         remove_all_at(dir.as_fd(), OsStr::from_bytes(target), self.privileged)
             .map_err(|e| ctx.errno("apply whiteout", e))
+    }
+}
+
+/// Regular files up to this size are written by the worker threads (their bytes are read into
+/// memory first); larger ones are streamed by the main thread.
+pub const PARALLEL_FILE_MAX: u64 = 4 << 20;
+
+/// At most this many bytes of file data wait for the workers at once.
+const QUEUED_BYTES_MAX: usize = 64 << 20;
+
+/// Records `rel` and its ancestors as written by this layer (an opaque whiteout keeps them).
+fn note_written(written: &mut HashSet<Vec<u8>>, rel: Vec<u8>) {
+    for (i, b) in rel.iter().enumerate() {
+        if *b == b'/' {
+            written.insert(rel[..i].to_vec());
+        }
+    }
+    written.insert(rel);
+}
+
+/// Metadata of one regular file, applied by the worker that writes it.
+struct FileMeta {
+    uid: u32,
+    gid: u32,
+    mode: Mode,
+    ts: Timestamps,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// One regular file for a worker: a new name in an already-resolved directory.
+struct FileJob {
+    key: WriteKey,
+    parent: OwnedFd,
+    entry: String,
+    data: Vec<u8>,
+    meta: FileMeta,
+}
+
+/// (device, inode) of the parent directory and the name: what two entries must not write at
+/// once, whatever path (symlinks, `..`) led to it.
+type WriteKey = (u64, u64, Vec<u8>);
+
+#[derive(Default)]
+struct WritersState {
+    in_flight: HashSet<WriteKey>,
+    queued: std::collections::VecDeque<FileJob>,
+    queued_bytes: usize,
+    busy: usize,
+    closed: bool,
+    /// Set with the first error: the workers then only discard what is queued.
+    aborted: bool,
+    error: Option<Error>,
+}
+
+/// The pool of file-writing threads of one layer.
+struct Writers {
+    threads: usize,
+    state: std::sync::Mutex<WritersState>,
+    changed: std::sync::Condvar,
+}
+
+/// One writer per core (at most 4); `MICROBOX_EXTRACT_THREADS` overrides (0: sequential).
+fn default_threads() -> usize {
+    std::env::var("MICROBOX_EXTRACT_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(4)
+        })
+}
+
+impl Writers {
+    fn new(threads: usize) -> Writers {
+        Writers {
+            threads,
+            state: Default::default(),
+            changed: Default::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WritersState> {
+        // The state stays consistent across a panic (plain field updates).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn key(parent: &OwnedFd, name: &[u8]) -> std::result::Result<WriteKey, Errno> {
+        let st = rustix::fs::fstat(parent)?;
+        Ok((st.st_dev, st.st_ino, name.to_vec()))
+    }
+
+    /// The first error a worker hit, if any.
+    fn failed(&self) -> Result<()> {
+        match self.lock().error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn submit(&self, job: FileJob) {
+        let mut st = self.lock();
+        while st.queued_bytes > QUEUED_BYTES_MAX && st.error.is_none() {
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.in_flight.insert(job.key.clone());
+        st.queued_bytes += job.data.len();
+        st.queued.push_back(job);
+        self.changed.notify_all();
+    }
+
+    /// Waits until no worker writes `key`.
+    fn wait_for(&self, key: &WriteKey) {
+        let mut st = self.lock();
+        while st.in_flight.contains(key) {
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Waits until every submitted file is written; the first error, if any.
+    fn drain(&self) -> Result<()> {
+        let mut st = self.lock();
+        while !st.queued.is_empty() || st.busy > 0 {
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        match st.error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Lets the workers end once the queue is empty.
+    fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_all();
+    }
+
+    /// A worker: writes queued files until the pool is closed. After an error it only
+    /// discards jobs (the layer fails anyway).
+    fn work(&self, ex: &Extractor, layer: &str) {
+        loop {
+            let job = {
+                let mut st = self.lock();
+                loop {
+                    if let Some(j) = st.queued.pop_front() {
+                        st.queued_bytes -= j.data.len();
+                        st.busy += 1;
+                        break j;
+                    }
+                    if st.closed {
+                        return;
+                    }
+                    st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+            };
+            let skip = self.lock().aborted;
+            let ctx = Ctx {
+                layer,
+                entry: job.entry.clone(),
+            };
+            let result = if skip {
+                Ok(())
+            } else {
+                // A panic must not leave `busy` counted (drain would wait forever).
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    ex.write_file(&ctx, &job.parent, &job.key.2, &job.meta, &mut &job.data[..])
+                }))
+                .unwrap_or_else(|_| Err(ctx.err("file writer panicked")))
+            };
+            let mut st = self.lock();
+            st.busy -= 1;
+            st.in_flight.remove(&job.key);
+            if let Err(e) = result {
+                st.aborted = true;
+                st.error.get_or_insert(e);
+            }
+            self.changed.notify_all();
+        }
     }
 }
 

@@ -243,6 +243,71 @@ proptest! {
     }
 }
 
+/// What a faithful extraction reproduces, by relative path (directory mtimes and inode numbers
+/// depend on creation order and time, so they are left out).
+fn snapshot_tree(root: &Path) -> BTreeMap<PathBuf, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let p = e.path();
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            let content = if md.file_type().is_symlink() {
+                format!("-> {}", std::fs::read_link(&p).unwrap().display())
+            } else if md.is_file() {
+                hex::encode(Sha256::digest(std::fs::read(&p).unwrap()))
+            } else {
+                String::new()
+            };
+            let mtime = if md.is_dir() { 0 } else { md.mtime() };
+            out.insert(
+                p.strip_prefix(root).unwrap().to_path_buf(),
+                format!(
+                    "mode={:o} uid={} gid={} size={} nlink={} mtime={mtime} {content}",
+                    md.mode(),
+                    md.uid(),
+                    md.gid(),
+                    if md.is_dir() { 0 } else { md.size() },
+                    if md.is_dir() { 0 } else { md.nlink() },
+                ),
+            );
+            if md.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases() / 4, ..ProptestConfig::default() })]
+
+    /// The parallel file writers give exactly the tree (and fail on the same layer) that writing
+    /// everything in tar order on one thread gives. (A failed layer fails the whole pull, so
+    /// what a failing layer left half-done is not compared.)
+    #[test]
+    fn parallel_writers_match_sequential_extraction(
+        layers in prop::collection::vec(
+            prop::collection::vec(entry(base_dir().join("seq/outside").display().to_string()), 1..14),
+            1..5,
+        )
+    ) {
+        let mut trees = Vec::new();
+        for (name, threads) in [("seq", 0usize), ("par", 3)] {
+            let sb = Sandbox { base: base_dir().join(name) };
+            sb.reset();
+            let ex = Extractor::open(&sb.root()).unwrap().with_threads(threads);
+            let failed_at = layers
+                .iter()
+                .enumerate()
+                .position(|(i, l)| ex.apply_tar(&layer_tar(l)[..], &format!("sha256:layer{i}")).is_err());
+            let tree = failed_at.is_none().then(|| snapshot_tree(&sb.root()));
+            trees.push((failed_at, tree));
+        }
+        prop_assert_eq!(&trees[0], &trees[1]);
+    }
+}
+
 #[test]
 fn the_oracle_sees_a_write_outside() {
     // The property is worth something only if its snapshot notices a change outside.
