@@ -219,6 +219,10 @@ async fn bench_vm(uds: PathBuf, n: usize) {
     let mut s = stream.expect("echo server never reachable");
     let raw = raw_rtt(&mut s, n).await;
     let rows = agent_rows(&c, n).await;
+    let exec_p50 = rows
+        .iter()
+        .find(|r| r.name.starts_with("exec"))
+        .map(|r| r.p50);
     print(
         &format!("box VM via hybrid vsock {}", uds.display()),
         "microVM via vsock",
@@ -226,7 +230,44 @@ async fn bench_vm(uds: PathBuf, n: usize) {
         raw,
         rows,
     );
+    // The floor of an exec: what the guest itself pays to fork, exec and reap `true` (busybox
+    // sh in a loop, 51 spawns minus 1, over the same client).
+    let loop_of = |k: usize| {
+        spec_of(&[
+            "sh",
+            "-c",
+            &format!("for i in $(seq {k}); do /bin/true; done"),
+        ])
+    };
+    let mut per_spawn = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        c.exec_output(loop_of(1)).await.expect("sh loop");
+        let one = t.elapsed();
+        let t = Instant::now();
+        c.exec_output(loop_of(51)).await.expect("sh loop");
+        per_spawn.push(t.elapsed().saturating_sub(one) / 50);
+    }
+    per_spawn.sort();
+    let spawn = per_spawn[per_spawn.len() / 2];
+    if let Some(p50) = exec_p50 {
+        record(Figure {
+            bench: "agent_rtt",
+            name: "microVM via vsock: exec `true` p50",
+            unit: "ms",
+            value: ms(p50),
+            baseline: Some(("the guest's own fork+exec+wait of true (sh loop)", ms(spawn))),
+            target: None,
+        });
+    }
     drop(echo); // the agent kills the echo server when its Exec call goes away
+}
+
+fn spec_of(argv: &[&str]) -> ExecSpec {
+    ExecSpec {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
 }
 
 async fn bench_host(n: usize) {
