@@ -145,7 +145,11 @@ fn hostile_guests_hurt_neither_the_host_nor_other_boxes() {
         "the error says which box and what is wrong"
     );
     let health = bounded(&env, &["health", "frozen"], long);
-    assert_eq!(health.status.code(), Some(1), "unhealthy, not a microbox failure");
+    assert_eq!(
+        health.status.code(),
+        Some(1),
+        "unhealthy, not a microbox failure"
+    );
 
     // Every hostile box stops and goes away; the witness is untouched.
     let mut dirs = Vec::new();

@@ -111,8 +111,10 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
     push(&["-m", &format!("{mem}M"), "-smp", &spec.vcpus.to_string()]);
     match spec.accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
-        // A bounded translation cache keeps the idle RSS of TCG boxes predictable.
-        Accel::Tcg => push(&["-accel", "tcg"]),
+        // A bounded translation cache keeps the RSS of TCG boxes predictable: measured here,
+        // 32 MiB gave 203 MiB per idle box instead of 228, and 203 instead of 294 after a busy
+        // minute, for 5% more time on a CPU-heavy shell workload.
+        Accel::Tcg => push(&["-accel", "tcg,tb-size=32"]),
     }
     push(&[
         "-kernel",
