@@ -61,7 +61,7 @@ fn bench_image(
             sync();
             let root = tempfile::tempdir_in(ts::target_dir()).unwrap();
             let root = keep_dir(&keep, root);
-            let store = ImageStore::open(root.as_path()).unwrap();
+            let store = ImageStore::open(&root).unwrap();
             let t = Instant::now();
             // Pipelined (what the runtime does): layers are applied while others download.
             let opts = PullOptions {
@@ -106,14 +106,14 @@ fn bench_image(
                         "--src-tls-verify=false",
                     ])
                     .arg(format!("docker://{reference}"))
-                    .arg(format!("oci:{}:latest", work.as_path().join("oci").display())),
+                    .arg(format!("oci:{}:latest", work.join("oci").display())),
             );
             let t_copy = t.elapsed();
             ts::run(
                 Command::new("umoci")
                     .args(["unpack", "--image"])
-                    .arg(format!("{}:latest", work.as_path().join("oci").display()))
-                    .arg(work.as_path().join("bundle")),
+                    .arg(format!("{}:latest", work.join("oci").display()))
+                    .arg(work.join("bundle")),
             );
             let t_theirs = t.elapsed();
             theirs.push(t_theirs);
@@ -128,7 +128,7 @@ fn bench_image(
                         "--src-tls-verify=false",
                     ])
                     .arg(format!("docker://{reference}"))
-                    .arg(format!("oci:{}:latest", work.as_path().join("oci").display())),
+                    .arg(format!("oci:{}:latest", work.join("oci").display())),
             );
             second_theirs.push(t.elapsed());
             eprintln!(

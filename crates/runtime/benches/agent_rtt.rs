@@ -256,7 +256,10 @@ async fn bench_vm(uds: PathBuf, n: usize) {
             name: "microVM via vsock: exec `true` p50",
             unit: "ms",
             value: ms(p50),
-            baseline: Some(("the guest's own fork+exec+wait of true (sh loop)", ms(spawn))),
+            baseline: Some((
+                "the guest's own fork+exec+wait of true (sh loop)",
+                ms(spawn),
+            )),
             target: None,
         });
     }
