@@ -5,8 +5,7 @@
 //! more than the ring's capacity behind loses the oldest events and is told how many it lost
 //! ([`Delivered::Lagged`]) instead of slowing the runtime down.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -111,7 +110,9 @@ pub enum Delivered {
 #[derive(Clone)]
 pub struct EventEmitter {
     tx: broadcast::Sender<EventRecord>,
-    seq: Arc<AtomicU64>,
+    /// The next sequence number. Taken and sent under this lock, so that clones emitting at
+    /// once deliver their events in sequence order (held for a non-blocking send only).
+    seq: Arc<Mutex<u64>>,
 }
 
 impl std::fmt::Debug for EventEmitter {
@@ -134,14 +135,16 @@ impl EventEmitter {
         let (tx, _) = broadcast::channel(capacity.max(1));
         EventEmitter {
             tx,
-            seq: Arc::new(AtomicU64::new(0)),
+            seq: Arc::new(Mutex::new(0)),
         }
     }
 
     /// Publishes an event; never blocks. Returns the record as sent (also when nobody listens).
     pub fn emit(&self, box_id: &BoxId, event: BoxEvent) -> EventRecord {
+        // A panic elsewhere cannot leave the counter inconsistent.
+        let mut seq = self.seq.lock().unwrap_or_else(|e| e.into_inner());
         let record = EventRecord {
-            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            seq: *seq,
             time_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
@@ -149,6 +152,7 @@ impl EventEmitter {
             box_id: box_id.clone(),
             event,
         };
+        *seq += 1;
         // An error only means there is no subscriber right now, which is fine.
         let _ = self.tx.send(record.clone());
         record
@@ -211,6 +215,32 @@ mod tests {
         BoxEvent::ExecStarted {
             exec_id: i,
             argv: vec!["true".into()],
+        }
+    }
+
+    #[tokio::test]
+    async fn clones_emitting_from_threads_at_once_deliver_in_sequence_order() {
+        let em = EventEmitter::new(4096);
+        let id = BoxId::random();
+        let mut sub = em.subscribe();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (em, id) = (em.clone(), id.clone());
+                std::thread::spawn(move || {
+                    for i in 0..500 {
+                        em.emit(&id, ev(i));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        for want in 0..2000 {
+            match sub.recv().await.unwrap() {
+                Delivered::Event(r) => assert_eq!(r.seq, want),
+                other => panic!("unexpected {other:?}"),
+            }
         }
     }
 
