@@ -34,9 +34,24 @@ use crate::error::{Error, Result};
 
 /// Wraps `reader` in the right decompressor, chosen by the stream's magic bytes (media types
 /// lie: Docker schema 2 says gzip for everything): gzip, zstd or plain tar.
-pub fn decompress<'a, R: Read + 'a>(reader: R) -> std::io::Result<Box<dyn Read + 'a>> {
-    let mut br = BufReader::with_capacity(256 * 1024, reader);
-    let head = br.fill_buf()?;
+pub fn decompress<'a, R: Read + 'a>(mut reader: R) -> std::io::Result<Box<dyn Read + 'a>> {
+    // The magic is up to 4 bytes; a stream may deliver fewer in its first read.
+    let mut magic = [0u8; 4];
+    let mut n = 0;
+    while n < magic.len() {
+        match reader.read(&mut magic[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let head = &magic[..n];
+    let mut br = BufReader::with_capacity(
+        256 * 1024,
+        std::io::Cursor::new(magic).take(n as u64).chain(reader),
+    );
+    br.fill_buf()?;
     if head.starts_with(&[0x1f, 0x8b]) {
         Ok(Box::new(flate2::bufread::MultiGzDecoder::new(br)))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
@@ -911,6 +926,38 @@ impl Read for ChunkReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hands out one byte per read, as a slow network stream may.
+    struct Trickle(std::io::Cursor<Vec<u8>>);
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let end = buf.len().min(1);
+            self.0.read(&mut buf[..end])
+        }
+    }
+
+    #[test]
+    fn compression_is_detected_when_the_magic_arrives_byte_by_byte() {
+        let tar = b"plain tar bytes".to_vec();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &tar).unwrap();
+        let gz = gz.finish().unwrap();
+        let zst = zstd::encode_all(&tar[..], 1).unwrap();
+        for (what, data) in [
+            ("gzip", gz),
+            ("zstd", zst),
+            ("plain", tar.clone()),
+            ("short", b"ab".to_vec()),
+        ] {
+            let mut out = Vec::new();
+            decompress(Trickle(std::io::Cursor::new(data.clone())))
+                .unwrap()
+                .read_to_end(&mut out)
+                .unwrap();
+            let want = if what == "short" { data } else { tar.clone() };
+            assert_eq!(out, want, "{what}");
+        }
+    }
 
     #[test]
     fn components_drop_dots_keep_dotdot() {
