@@ -142,7 +142,19 @@ async fn run_box(ctx: &Ctx, store: &BoxStore, id: &BoxId, emitter: &EventEmitter
             None => std::future::pending().await,
         }
     };
-    let stop_timeout = Duration::from_secs(rec_stop_timeout(store, id));
+    // An attached box's main process runs in its CLI (over agent.sock): if that CLI dies
+    // (terminal closed, SIGKILL) nobody would ever end the box.
+    let attached_client = rec.client.filter(|_| rec.attached);
+    let client_gone = async move {
+        match attached_client {
+            Some(c) => {
+                while c.alive() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    };
     let (reason, exit_code) = tokio::select! {
         r = main => match r {
             Ok(code) => ("exited".to_string(), Some(code)),
@@ -151,7 +163,10 @@ async fn run_box(ctx: &Ctx, store: &BoxStore, id: &BoxId, emitter: &EventEmitter
         _ = term.recv() => ("stopped".to_string(), None),
         _ = int.recv() => ("stopped".to_string(), None),
         why = wait_vm_stopped(&vm) => (format!("the VM stopped: {why}"), None),
+        _ = client_gone => ("its attached CLI went away".to_string(), None),
     };
+    // Read now: `stop -t N` writes it just before it signals us.
+    let stop_timeout = Duration::from_secs(rec_stop_timeout(store, id));
     // Keep the exit code an attached CLI recorded, if any.
     let exit_code = exit_code.or_else(|| store.load(id).ok().and_then(|r| r.exit_code));
     // After the main process ended, a non-persistent box has nothing worth a clean guest

@@ -457,6 +457,7 @@ pub fn start(ctx: &Ctx, keys: &[String], attach: bool) -> Result<()> {
             r.state = BoxState::Created;
             r.reason = None;
             r.exit_code = None;
+            r.started_at = None;
             r.finished_at = None;
             r.supervisor = None;
             r.client = attach.then(crate::boxes::ProcRef::current);
