@@ -11,6 +11,9 @@ use crate::hypervisor::AgentEndpoint;
 use crate::manager::{ExecResult, ResolvedExec, WaitError};
 use crate::process::ExitInfo;
 
+/// How long one health check may take before it counts as failed.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A shared connection to one box's agent.
 #[derive(Clone)]
 pub struct AgentLink {
@@ -124,11 +127,15 @@ impl AgentLink {
             if let Some(info) = exit.borrow().clone() {
                 return Err(WaitError::Exited(info.to_string()));
             }
-            let last = match self.client.health().await {
-                Ok(true) => return Ok(()),
-                Ok(false) => "health check answered NOT_SERVING".to_string(),
-                Err(e) => format!("health check failed: {e}"),
-            };
+            // One answer must not hold the boot past its deadline (a guest can stall).
+            let left = deadline.saturating_duration_since(Instant::now());
+            let last =
+                match tokio::time::timeout(left.min(HEALTH_TIMEOUT), self.client.health()).await {
+                    Ok(Ok(true)) => return Ok(()),
+                    Ok(Ok(false)) => "health check answered NOT_SERVING".to_string(),
+                    Ok(Err(e)) => format!("health check failed: {e}"),
+                    Err(_) => "health check did not answer".to_string(),
+                };
             if Instant::now() >= deadline {
                 return Err(WaitError::Agent(format!(
                     "not SERVING before the boot deadline: {last}"
@@ -138,8 +145,14 @@ impl AgentLink {
         }
     }
 
+    /// One health check, bounded by [`HEALTH_TIMEOUT`].
     pub async fn health(&self) -> Result<bool, String> {
-        self.client.health().await.map_err(|e| e.to_string())
+        match tokio::time::timeout(HEALTH_TIMEOUT, self.client.health()).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "the agent did not answer a health check within {HEALTH_TIMEOUT:?}"
+            )),
+        }
     }
 
     pub async fn exec(&self, r: &ResolvedExec) -> Result<ExecResult, String> {

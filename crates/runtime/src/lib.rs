@@ -18,7 +18,6 @@ mod manager;
 pub mod metrics;
 pub mod paths;
 pub mod process;
-pub mod vsock;
 
 pub use accel::{Accel, AccelDecision};
 pub use error::RuntimeError;

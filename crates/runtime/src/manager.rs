@@ -882,7 +882,11 @@ impl VmManager {
         let mut exit = r.vm.vmm_exit();
         let exited = |rx: &WatchRx| rx.borrow().is_some();
         let half = timeout / 2;
-        if tokio::time::timeout(half, r.agent.shutdown()).await.is_ok() {
+        // Only an agent that accepted Shutdown is worth waiting for.
+        if matches!(
+            tokio::time::timeout(half, r.agent.shutdown()).await,
+            Ok(Ok(()))
+        ) {
             let _ =
                 tokio::time::timeout_at(tokio::time::Instant::now() + half, wait_exit(&mut exit))
                     .await;

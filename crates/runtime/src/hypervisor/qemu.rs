@@ -171,6 +171,19 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
     a
 }
 
+/// What QEMU cannot do with a spec, said before anything starts.
+fn check_spec(spec: &VmSpec) -> Result<(), HypervisorError> {
+    for (proto, ip, hp, gp) in spec.net.iter().flat_map(|n| n.forwards.iter()) {
+        if ip.is_ipv6() {
+            return Err(HypervisorError::InvalidSpec(format!(
+                "published port [{ip}]:{hp}:{gp}/{proto}: QEMU's user-mode network forwards \
+                 only IPv4 host addresses (use 127.0.0.1 or 0.0.0.0)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Keeps the console log of a running VM below [`CONSOLE_LOG_MAX`] (a hostile guest flooding
 /// its serial port must not fill the host's disk). Ends with QEMU.
 async fn bound_console_log(path: PathBuf, mut exit: watch::Receiver<Option<ExitInfo>>) {
@@ -211,6 +224,7 @@ impl Hypervisor for QemuBackend {
         spec: &'a VmSpec,
     ) -> BoxFuture<'a, Result<Box<dyn VmHandle>, HypervisorError>> {
         async move {
+            check_spec(spec)?;
             let mut vm = QemuVm {
                 helpers: Vec::new(),
                 qemu: None,
@@ -568,6 +582,13 @@ mod tests {
         assert!(a.contains("tsc_early_khz=2500000"));
         assert!(a.contains("microbox.x=1"));
         assert!(a.contains("hostfwd=tcp:127.0.0.1:8080-:80"));
+        let mut v6 = spec();
+        v6.net = Some(UserNet {
+            forwards: vec![("tcp".into(), "::1".parse().unwrap(), 8080, 80)],
+        });
+        let e = check_spec(&v6).unwrap_err().to_string();
+        assert!(e.contains("::1") && e.contains("IPv4"), "{e}");
+        assert!(check_spec(&spec()).is_ok());
         assert!(a.contains("-nodefaults"));
         let k = qemu_args(&spec(), None).join(" ");
         assert!(!k.contains("tsc_early_khz"));
