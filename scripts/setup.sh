@@ -19,6 +19,9 @@ APT_PACKAGES=(
   passt                    # user-mode networking
   prometheus               # promtool, to validate our metrics output
   debootstrap              # the ~100 MB Debian image of the pull benchmark
+  ovmf                     # SEV-SNP launch-digest tests against sev-snp-measure use its OVMF
+  build-essential pkg-config  # linking, and the cargo-installed helpers
+  python3-pip
   cpio curl jq
 )
 
@@ -47,7 +50,10 @@ cargo_tool vhost-device-vsock 0.3.0 vhost-device-vsock
 # SEV-SNP launch-digest tool that our measurement is tested against.
 if ! python3 -c 'import grpc, grpc_health.v1' 2>/dev/null || ! command -v sev-snp-measure >/dev/null; then
   log "pip install grpcio grpcio-health-checking sev-snp-measure"
-  python3 -m pip install --quiet --root-user-action=ignore grpcio grpcio-health-checking sev-snp-measure
+  pip_args=(--quiet --root-user-action=ignore grpcio grpcio-health-checking sev-snp-measure)
+  # Debian's own python3 is "externally managed"; a pyenv or venv python is not.
+  python3 -m pip install "${pip_args[@]}" 2>/dev/null \
+    || python3 -m pip install --break-system-packages "${pip_args[@]}"
 fi
 
 [ "${1:-}" = "--deps" ] && exit 0

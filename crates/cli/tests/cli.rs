@@ -185,6 +185,7 @@ fn metrics_are_valid_prometheus_and_count_boots_execs_and_events() {
         &before,
         "microbox_boot_duration_seconds_count{phase=\"agent_ready\"}",
     );
+    let execs_before = metric_value(&before, "microbox_execs_total");
 
     env.ok(&["run", "-d", "--name", "m", &img, "sleep", "1000"]);
     env.ok(&["exec", "m", "true"]);
@@ -194,6 +195,12 @@ fn metrics_are_valid_prometheus_and_count_boots_execs_and_events() {
         "microbox_boot_duration_seconds_count{phase=\"agent_ready\"}",
     );
     assert_eq!(boots, boots_before + 1.0, "{text}");
+    // The exec finished (the main process, sleep, still runs).
+    assert_eq!(
+        metric_value(&text, "microbox_execs_total"),
+        execs_before + 1.0,
+        "{text}"
+    );
     assert!(
         text.contains("microbox_boxes{state=\"ready\"} 1")
             || text.contains("microbox_boxes{state=\"busy\"} 1"),
