@@ -439,6 +439,8 @@ impl VmManager {
             tag: "rootfs".into(),
             host_dir: rootfs,
             read_only: true,
+            // A store rootfs never changes once built; a plain host directory might.
+            immutable: rootfs_lease.is_some(),
         }];
         let upper_tag = if cfg.persistent {
             let up = bp.upper_dir();
@@ -447,6 +449,7 @@ impl VmManager {
                 tag: "upper".into(),
                 host_dir: up,
                 read_only: false,
+                immutable: false,
             });
             Some("upper".to_string())
         } else {
@@ -459,6 +462,7 @@ impl VmManager {
                 tag: tag.clone(),
                 host_dir: v.host.clone(),
                 read_only: v.read_only,
+                immutable: false,
             });
             volumes.push(BootVolume {
                 tag,

@@ -61,6 +61,7 @@ async fn microvm_boots_mounts_virtiofs_and_cleans_up() {
             tag: "rootfs".into(),
             host_dir: share.clone(),
             read_only: true,
+            immutable: false,
         }],
         net: None,
         agent_port: 4088,

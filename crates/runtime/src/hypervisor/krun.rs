@@ -411,11 +411,13 @@ mod tests {
                     tag: "rootfs".into(),
                     host_dir: "/img".into(),
                     read_only: true,
+                    immutable: false,
                 },
                 Share {
                     tag: "vol0".into(),
                     host_dir: "/data".into(),
                     read_only: false,
+                    immutable: false,
                 },
             ],
             net: None,

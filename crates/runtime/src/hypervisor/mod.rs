@@ -51,6 +51,9 @@ pub struct Share {
     pub tag: String,
     pub host_dir: PathBuf,
     pub read_only: bool,
+    /// Nothing changes the directory while the VM runs (the shared image rootfs): the guest
+    /// may cache it fully. Volumes are not immutable: the host may change them.
+    pub immutable: bool,
 }
 
 /// A user-mode NIC with forwarded host ports.
