@@ -327,7 +327,13 @@ fn cstring(s: impl Into<Vec<u8>>, what: &str) -> Result<CString, Status> {
     CString::new(s).map_err(|_| Status::invalid_argument(format!("{what} contains a NUL byte")))
 }
 
-fn spawn(root: &Path, p: &Prepared, reaper: &Reaper) -> Result<Spawned, Status> {
+fn spawn(
+    root: &Path,
+    p: &Prepared,
+    reaper: &Reaper,
+    mount_ns: Option<&OwnedFd>,
+) -> Result<Spawned, Status> {
+    let mount_ns = mount_ns.map(|fd| fd.as_raw_fd());
     let chroot = if root == Path::new("/") {
         None
     } else {
@@ -382,6 +388,12 @@ fn spawn(root: &Path, p: &Prepared, reaper: &Reaper) -> Result<Spawned, Status> 
             }
             if tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(io::Error::last_os_error());
+            }
+            // The child is single-threaded here, as setns into a mount namespace requires.
+            if let Some(ns) = mount_ns {
+                if libc::setns(ns, libc::CLONE_NEWNS) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             if let Some(r) = &chroot {
                 if libc::chroot(r.as_ptr()) < 0 {
@@ -506,6 +518,31 @@ pub struct ExecContext {
     pub root: PathBuf,
     pub reaper: Arc<Reaper>,
     pub procs: Arc<ProcTable>,
+    /// The box's workload mount namespace (PID 1 mode): every workload joins it before its
+    /// chroot, so mounts a workload makes are shared by the box's processes and never reach
+    /// the agent's own namespace.
+    pub mount_ns: Option<Arc<OwnedFd>>,
+}
+
+/// Creates the workload mount namespace: a copy of the agent's, with every mount private (no
+/// propagation back). Made on a short-lived thread, since unshare affects only the caller and
+/// a multi-threaded process cannot switch namespaces; the namespace lives on in the fd.
+pub fn workload_mount_namespace() -> io::Result<OwnedFd> {
+    std::thread::spawn(|| -> io::Result<OwnedFd> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(io::Error::from)?;
+        nix::mount::mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .map_err(io::Error::from)?;
+        let f = std::fs::File::open("/proc/thread-self/ns/mnt")?;
+        Ok(OwnedFd::from(f))
+    })
+    .join()
+    .map_err(|_| io::Error::other("the namespace thread panicked"))?
 }
 
 pub type ResponseTx = mpsc::Sender<Result<ExecResponse, Status>>;
@@ -520,7 +557,7 @@ pub fn start(
     let t0 = std::time::Instant::now();
     let prepared = prepare(&ctx.root, start)?;
     let t1 = std::time::Instant::now();
-    let spawned = spawn(&ctx.root, &prepared, &ctx.reaper)?;
+    let spawned = spawn(&ctx.root, &prepared, &ctx.reaper, ctx.mount_ns.as_deref())?;
     let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
     ctx.procs.insert(spawned.pid, spawned.pty.clone());
     tracing::debug!(

@@ -302,7 +302,20 @@ async fn serve(
     let reaper = reaper::Reaper::new(reap_all);
     tokio::spawn(reaper.clone().run());
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel(1);
-    let svc = service::AgentService::new(root, reaper, shutdown_tx);
+    // As PID 1 the workloads get their own mount namespace; run as a plain process (tests,
+    // development) they share the agent's.
+    let mount_ns = if reap_all {
+        match exec::workload_mount_namespace() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::warn!("no workload mount namespace (workloads share the agent's): {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let svc = service::AgentService::new(root, reaper, shutdown_tx, mount_ns);
     let procs = svc.procs();
     let (reporter, health) = health_reporter();
     reporter

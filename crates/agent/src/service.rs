@@ -34,12 +34,18 @@ impl AgentService {
         self.exec.procs.clone()
     }
 
-    pub fn new(root: PathBuf, reaper: Arc<Reaper>, shutdown: mpsc::Sender<()>) -> Self {
+    pub fn new(
+        root: PathBuf,
+        reaper: Arc<Reaper>,
+        shutdown: mpsc::Sender<()>,
+        mount_ns: Option<std::os::fd::OwnedFd>,
+    ) -> Self {
         AgentService {
             exec: ExecContext {
                 root,
                 reaper,
                 procs: Arc::new(ProcTable::default()),
+                mount_ns: mount_ns.map(Arc::new),
             },
             shutdown,
         }

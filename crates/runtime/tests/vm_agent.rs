@@ -127,6 +127,41 @@ async fn checks(c: &AgentClient, agent_sock: &Path) {
         "{e}"
     );
 
+    // Workloads run in the box's own mount namespace (not the agent's), shared by all of them.
+    let out = c
+        .exec_output(spec(&[
+            "sh",
+            "-c",
+            "readlink /proc/1/ns/mnt; readlink /proc/self/ns/mnt; busybox mkdir -p /mnt/t && busybox mount -t tmpfs none /mnt/t && echo mounted",
+        ]))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.len(),
+        3,
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(
+        lines[0], lines[1],
+        "the workload shares PID 1's mount namespace"
+    );
+    let out = c
+        .exec_output(spec(&[
+            "sh",
+            "-c",
+            "readlink /proc/self/ns/mnt; busybox grep -c ' /mnt/t tmpfs' /proc/self/mounts",
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{}\n1\n", lines[1]),
+        "a second exec joins the same namespace and sees the first one's mount"
+    );
+
     // A standard Python grpcio health client on the box's plain agent.sock.
     let bp = agent_sock.to_path_buf();
     let out = tokio::task::spawn_blocking(move || {
