@@ -284,12 +284,23 @@ pub enum AttestCommand {
         /// The VCEK or VLEK certificate (DER or PEM); otherwise the cache or AMD's KDS.
         #[arg(long)]
         vcek: Option<PathBuf>,
+        /// The certificate table of an extended report (VCEK/VLEK, ASK/ASVK), used when no
+        /// --vcek is given.
+        #[arg(long)]
+        cert_table: Option<PathBuf>,
+        /// An ASK or ASVK certificate to use where none is pinned (the Milan ASVK for VLEK
+        /// reports); it must chain to the pinned AMD root.
+        #[arg(long)]
+        intermediate: Option<PathBuf>,
         /// Policy file (TOML); the strict default policy otherwise.
         #[arg(long)]
         policy: Option<PathBuf>,
-        /// The verifier's nonce, hex: report_data must be its hash.
+        /// The verifier's nonce, hex (at least 8 bytes): report_data must be its hash.
         #[arg(long)]
         nonce: Option<String>,
+        /// A public key file bound into report_data together with the nonce.
+        #[arg(long, requires = "nonce")]
+        public_key: Option<PathBuf>,
         /// Check certificate validity at this time (RFC 3339) instead of now.
         #[arg(long)]
         at: Option<String>,

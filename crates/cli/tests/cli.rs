@@ -554,3 +554,85 @@ fn run_it_gives_a_real_terminal_with_the_window_size() {
         "exit code passed through: {text}"
     );
 }
+
+/// The SEV test vectors (`../shared/testdata/sev`, or `MICROBOX_SEV_TESTDATA`).
+fn sev_vectors() -> Option<PathBuf> {
+    let dir = std::env::var_os("MICROBOX_SEV_TESTDATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata/sev")
+        });
+    if dir.join("milan-report.bin").is_file() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "SEV test vectors are ABSENT at {} (set MICROBOX_SEV_TESTDATA); skipping",
+            dir.display()
+        );
+        None
+    }
+}
+
+#[test]
+fn attest_verify_prints_each_check_and_exits_by_verdict() {
+    let Some(d) = sev_vectors() else { return };
+    let env = Env::new();
+    let p = |n: &str| d.join(n).display().to_string();
+    let (report, vcek) = (p("milan-report.bin"), p("milan-vcek.der"));
+    let base = ["attest", "verify", "--report", &report, "--vcek", &vcek];
+    fn with<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        [base, extra].concat()
+    }
+
+    let out = env.ok(&with(&base, &["--at", "2025-06-01"]));
+    assert!(
+        out.contains("report.signature") && out.contains("PASS"),
+        "{out}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&with(&base, &["--at", "2025-06-01", "--format", "json"])))
+            .unwrap();
+    assert_eq!(json["verdict"], "pass");
+
+    // One flipped bit in the signed area: verdict fail, exit 1.
+    let mut bad = std::fs::read(&report).unwrap();
+    bad[0x50] ^= 1;
+    let bad_path = env.root.path().join("bad.bin");
+    std::fs::write(&bad_path, bad).unwrap();
+    let bad_path = bad_path.display().to_string();
+    let out = env.run(&[
+        "attest",
+        "verify",
+        "--report",
+        &bad_path,
+        "--vcek",
+        &vcek,
+        "--at",
+        "2025-06-01",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+
+    // The debug report fails the strict default policy.
+    let debug = [
+        "attest",
+        "verify",
+        "--report",
+        &p("milan-debug-report.bin"),
+        "--vcek",
+        &p("milan-debug-vcek.der"),
+        "--at",
+        "2025-06-01",
+    ];
+    assert_eq!(env.run(&debug).status.code(), Some(1));
+
+    // A nonce too short to mean anything is a usage error that says so.
+    let out = env.run(&with(&base, &["--at", "2025-06-01", "--nonce", "00ff"]));
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 8"));
+    // A wrong (well-formed) nonce fails freshness.
+    let out = env.run(&with(
+        &base,
+        &["--at", "2025-06-01", "--nonce", "0011223344556677"],
+    ));
+    assert_eq!(out.status.code(), Some(1));
+}

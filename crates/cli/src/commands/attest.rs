@@ -15,44 +15,31 @@ pub fn attest(ctx: &Ctx, args: AttestArgs) -> Result<()> {
         Some(AttestCommand::Verify {
             report,
             vcek,
+            cert_table,
+            intermediate,
             policy,
             nonce,
+            public_key,
             at,
             offline,
             format,
         }) => {
-            let raw = std::fs::read(&report).map_err(|e| {
-                UserError::new(format!("cannot read report {}: {e}", report.display()))
-            })?;
-            let vek = match vcek {
-                Some(p) => VekSource::File(p),
-                None if offline => VekSource::Cache(cert_cache(ctx)),
-                None => VekSource::Kds {
-                    cache_dir: Some(cert_cache(ctx)),
-                },
+            let inputs = microbox_attest::VerifyInputs {
+                report,
+                vek: vcek,
+                cert_table,
+                intermediate,
+                policy,
+                nonce_hex: nonce,
+                public_key,
+                at,
+                cache_dir: Some(cert_cache(ctx)),
+                offline,
             };
-            let freshness = nonce
-                .map(|n| {
-                    hex::decode(n.trim())
-                        .map(|nonce| Freshness {
-                            nonce,
-                            public_key: None,
-                        })
-                        .map_err(|e| UserError::new(format!("--nonce: expected hex bytes: {e}")))
-                })
-                .transpose()?;
-            let at = match at {
-                Some(t) => humantime::parse_rfc3339_weak(&t)
-                    .or_else(|_| humantime::parse_rfc3339_weak(&format!("{t} 00:00:00")))
-                    .map_err(|_| {
-                        UserError::new(format!(
-                            "--at: expected RFC 3339 time such as 2025-01-01T00:00:00Z, got '{t}'"
-                        ))
-                    })?,
-                None => SystemTime::now(),
-            };
-            let policy = load_policy(policy.as_deref())?;
-            verify_and_print(&raw, vek, &policy, freshness.as_ref(), at, format)
+            // Unreadable or malformed inputs are usage errors; a failing report is a verdict.
+            let report = microbox_attest::verify_inputs(&inputs)
+                .map_err(|e| UserError::new(format!("attest verify: {e}")))?;
+            print_verdict(&report, format)
         }
         Some(AttestCommand::Measure {
             ovmf,
@@ -106,6 +93,11 @@ fn verify_and_print(
         freshness,
         at,
     });
+    print_verdict(&report, format)
+}
+
+/// Prints each check and the verdict; exit 0 only when every check passed.
+fn print_verdict(report: &microbox_attest::Report, format: Format) -> Result<()> {
     match format {
         Format::Json => println!("{}", report.to_json()),
         Format::Table => {
