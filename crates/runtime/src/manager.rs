@@ -23,7 +23,7 @@ use crate::accel::{self, Accel, AccelDecision};
 use crate::agent_link::{AgentLink, ReadyListener};
 use crate::assets::{agent, initramfs, kernel};
 use crate::error::{Result, RuntimeError};
-use crate::hypervisor::{self, tail_of, Share, UserNet, VmHandle, VmSpec};
+use crate::hypervisor::{self, tail_of, AgentEndpoint, Share, UserNet, VmHandle, VmSpec};
 use crate::image_source::{self, ImageInfo};
 use crate::paths::{default_root, BoxPaths, Paths};
 use crate::process::kill_stale_pidfiles;
@@ -562,11 +562,16 @@ impl VmManager {
             return Err(self.boot_failure(e, cfg.boot_timeout, "the agent's health SERVING"));
         }
         phase_done(BootPhase::AgentReady, &mut report);
-        let bridge = match crate::agent_link::Bridge::start(&bp.agent_socket(), &endpoint).await {
-            Ok(b) => Some(b),
-            Err(e) => {
-                tracing::warn!(error = %e, "agent.sock bridge not started");
-                None
+        // A backend whose endpoint already is agent.sock (libkrun listens there) needs none.
+        let bridge = if endpoint == AgentEndpoint::Unix(bp.agent_socket()) {
+            None
+        } else {
+            match crate::agent_link::Bridge::start(&bp.agent_socket(), &endpoint).await {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::warn!(error = %e, "agent.sock bridge not started");
+                    None
+                }
             }
         };
         report.total = boot_start.elapsed();

@@ -33,7 +33,7 @@ pub fn find_kernel(explicit: Option<&Path>) -> Result<Kernel, AssetError> {
         }
         None => pick_from_boot(Path::new("/boot"))?,
     };
-    let version = bzimage_version(&path)?;
+    let version = kernel_version(&path)?;
     let modules_dir = match std::env::var_os("MICROBOX_MODULES_DIR").filter(|v| !v.is_empty()) {
         Some(d) => PathBuf::from(d),
         None => PathBuf::from("/lib/modules").join(&version),
@@ -80,6 +80,53 @@ fn version_key(name: &str) -> Vec<(u64, String)> {
     name.split(['.', '-'])
         .map(|p| (p.parse::<u64>().unwrap_or(0), p.to_string()))
         .collect()
+}
+
+/// Whether `path` is an ELF image (an uncompressed `vmlinux`, which libkrun needs) rather
+/// than a bzImage.
+pub fn is_elf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"\x7fELF"
+}
+
+/// The kernel's version: from the bzImage setup header, or for an ELF `vmlinux` from its
+/// `Linux version ...` banner.
+pub fn kernel_version(path: &Path) -> Result<String, AssetError> {
+    if !is_elf(path) {
+        return bzimage_version(path);
+    }
+    use std::io::Read;
+    const BANNER: &[u8] = b"Linux version ";
+    let mut f = std::fs::File::open(path).map_err(|e| AssetError::io(path, e))?;
+    // Scan in chunks that overlap by the banner plus a version's length.
+    let mut window: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut chunk).map_err(|e| AssetError::io(path, e))?;
+        window.extend_from_slice(&chunk[..n]);
+        if let Some(at) = window.windows(BANNER.len()).position(|w| w == BANNER) {
+            let rest = &window[at + BANNER.len()..];
+            let end = rest.iter().position(|b| *b == b' ' || *b == 0);
+            if let Some(end) = end.filter(|_| n > 0 || !rest.is_empty()) {
+                let v = String::from_utf8_lossy(&rest[..end]).into_owned();
+                if !v.is_empty() && v.chars().all(|c| c.is_ascii_graphic()) {
+                    return Ok(v);
+                }
+            }
+        }
+        if n == 0 {
+            return Err(AssetError::BadKernel {
+                path: path.to_path_buf(),
+                reason: "an ELF image without a 'Linux version' banner".into(),
+            });
+        }
+        let keep = window.len().saturating_sub(BANNER.len() + 256);
+        window.drain(..keep);
+    }
 }
 
 /// Reads the version string from a bzImage setup header (`HdrS` at 0x202, the version
@@ -151,6 +198,23 @@ mod tests {
         assert!(matches!(
             find_kernel(Some(&tmp.path().join("nope"))),
             Err(AssetError::NoKernel(_))
+        ));
+    }
+
+    #[test]
+    fn elf_vmlinux_version_comes_from_its_banner() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("vmlinux");
+        let mut img = b"\x7fELF".to_vec();
+        img.resize(3 << 20, 0); // the banner lands past the first read
+        img.extend_from_slice(b"Linux version 6.1.0-42-cloud-amd64 (x@y) (gcc) #1 SMP\0");
+        std::fs::write(&p, &img).unwrap();
+        assert!(is_elf(&p));
+        assert_eq!(kernel_version(&p).unwrap(), "6.1.0-42-cloud-amd64");
+        std::fs::write(&p, b"\x7fELF no banner here").unwrap();
+        assert!(matches!(
+            kernel_version(&p),
+            Err(AssetError::BadKernel { .. })
         ));
     }
 

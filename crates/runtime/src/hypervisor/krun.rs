@@ -57,9 +57,20 @@ impl KrunConfig {
             ))
         })?;
         if spec.net.is_some() {
-            tracing::warn!(
-                "libkrun backend: user-mode networking is not configured (TSI is not used)"
-            );
+            // TSI needs libkrunfw's patched kernel and passt is not wired up: refuse rather
+            // than boot a box whose network setup then fails inside.
+            return Err(HypervisorError::InvalidSpec(
+                "the libkrun backend has no user-mode network here (TSI needs libkrunfw's \
+                 kernel, passt is not wired up): use --network none, or MICROBOX_BACKEND=qemu"
+                    .into(),
+            ));
+        }
+        if !crate::assets::kernel::is_elf(&spec.kernel) {
+            return Err(HypervisorError::InvalidSpec(format!(
+                "libkrun loads only an uncompressed ELF vmlinux, and {} is not one (set \
+                 MICROBOX_KERNEL to a vmlinux of the same version as the modules)",
+                spec.kernel.display()
+            )));
         }
         Ok(Self {
             vcpus,
@@ -88,8 +99,10 @@ impl KrunConfig {
     }
 }
 
+/// libkrun itself listens on the box's `agent.sock` for the agent's port, so the plain
+/// socket tools use is the one the runtime uses: no bridge needed.
 fn krun_agent_socket(spec: &VmSpec) -> PathBuf {
-    spec.box_paths.dir.join("krun-agent.sock")
+    spec.box_paths.agent_socket()
 }
 
 type FnCreate = unsafe extern "C" fn() -> i32;
@@ -397,10 +410,18 @@ mod tests {
     use crate::hypervisor::Share;
     use crate::paths::BoxPaths;
 
+    /// A file that starts like an ELF vmlinux (all the config mapping looks at).
+    fn fake_vmlinux() -> PathBuf {
+        let p =
+            std::env::temp_dir().join(format!("microbox-krun-test-vmlinux-{}", std::process::id()));
+        std::fs::write(&p, b"\x7fELF").unwrap();
+        p
+    }
+
     fn spec() -> VmSpec {
         VmSpec {
             box_paths: BoxPaths::new("/r/boxes/k".into()),
-            kernel: "/k/vmlinux".into(),
+            kernel: fake_vmlinux(),
             initrd: "/r/boxes/k/initrd.cpio".into(),
             extra_cmdline: "a=b".into(),
             vcpus: 2,
@@ -440,11 +461,20 @@ mod tests {
         assert_eq!(
             c.vsock_ports,
             vec![
-                (4088, PathBuf::from("/r/boxes/k/krun-agent.sock"), true),
+                (4088, PathBuf::from("/r/boxes/k/agent.sock"), true),
                 (4089, PathBuf::from("/r/boxes/k/vsock.sock_4089"), false)
             ]
         );
         assert!(c.cmdline.ends_with("a=b"));
+        // No user-mode network, and no bzImage: said before anything starts.
+        let mut with_net = spec();
+        with_net.net = Some(crate::hypervisor::UserNet { forwards: vec![] });
+        let e = KrunConfig::from_spec(&with_net).unwrap_err().to_string();
+        assert!(e.contains("--network none"), "{e}");
+        let mut bz = spec();
+        bz.kernel = "/nonexistent/vmlinuz".into();
+        let e = KrunConfig::from_spec(&bz).unwrap_err().to_string();
+        assert!(e.contains("ELF vmlinux"), "{e}");
         let mut s = spec();
         s.vcpus = 300;
         assert!(KrunConfig::from_spec(&s).is_err());
