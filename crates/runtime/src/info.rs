@@ -28,7 +28,7 @@ pub struct HostInfo {
 pub fn host_info() -> HostInfo {
     let accel = accel::detect(None);
     let backend = match &accel {
-        Ok(a) => hypervisor::select_backend(microbox_core::BackendChoice::Auto, a)
+        Ok(a) => hypervisor::select_backend(microbox_core::BackendChoice::Auto, a, true)
             .map(|b| b.name().to_string())
             .map_err(|e| e.to_string()),
         Err(e) => Err(e.clone()),

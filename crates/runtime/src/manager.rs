@@ -412,7 +412,8 @@ impl VmManager {
             AccelChoice::Tcg => Some(Accel::Tcg),
         };
         let accel = accel::detect(requested).map_err(RuntimeError::Accel)?;
-        let backend = hypervisor::select_backend(cfg.backend, &accel)?;
+        let backend =
+            hypervisor::select_backend(cfg.backend, &accel, cfg.network == NetworkMode::User)?;
         backend.check(accel.accel)?;
         let kern = kernel::find_kernel(cfg.kernel.as_deref())?;
         let agent_bin = agent::find_agent()?;

@@ -30,9 +30,10 @@ pub fn info(ctx: &Ctx) -> Result<()> {
         };
         println!("backend qemu:  {}", line(q.check(d.accel)));
         println!("backend krun:  {}", line(k.check(d.accel)));
-        match microbox_runtime::hypervisor::select_backend(Default::default(), d) {
+        // The default box has a user-mode network.
+        match microbox_runtime::hypervisor::select_backend(Default::default(), d, true) {
             Ok(b) => println!(
-                "backend:       {} (auto choice; MICROBOX_BACKEND overrides)",
+                "backend:       {} (auto choice for a box with a network; MICROBOX_BACKEND overrides)",
                 b.name()
             ),
             Err(e) => println!("backend:       none ({e})"),

@@ -145,10 +145,12 @@ pub trait Hypervisor: Send + Sync {
 }
 
 /// Which backend to use: `MICROBOX_BACKEND` beats the config; auto picks libkrun only when it
-/// is installed and KVM is usable (it has no software emulation), QEMU otherwise.
+/// is installed, KVM is usable (it has no software emulation) and the box needs no user-mode
+/// network (libkrun has none here), QEMU otherwise.
 pub fn select_backend(
     choice: microbox_core::BackendChoice,
     accel: &AccelDecision,
+    needs_user_net: bool,
 ) -> Result<Box<dyn Hypervisor>, HypervisorError> {
     use microbox_core::BackendChoice;
     let env = std::env::var("MICROBOX_BACKEND")
@@ -169,7 +171,7 @@ pub fn select_backend(
         BackendChoice::Krun => Ok(Box::new(krun::KrunBackend::new())),
         BackendChoice::Auto => {
             let krun = krun::KrunBackend::new();
-            if accel.accel == Accel::Kvm && krun.check(Accel::Kvm).is_ok() {
+            if !needs_user_net && accel.accel == Accel::Kvm && krun.check(Accel::Kvm).is_ok() {
                 Ok(Box::new(krun))
             } else {
                 Ok(Box::new(qemu::QemuBackend::new()))
