@@ -565,11 +565,17 @@ pub fn health(ctx: &Ctx, key: &str) -> Result<()> {
     let Some(sock) = rec.agent_socket.clone().filter(|_| rec.state.is_running()) else {
         return Err(UserError::with_code(format!("box '{}' is not running", rec.name), 1).into());
     };
+    let limit = Duration::from_secs(10);
     let healthy = ctx
         .tokio()?
         .block_on(async {
-            let c = AgentClient::connect_unix(&sock).await?;
-            c.health().await.map_err(anyhow::Error::from)
+            let check = async {
+                let c = AgentClient::connect_unix(&sock).await?;
+                c.health().await.map_err(anyhow::Error::from)
+            };
+            tokio::time::timeout(limit, check)
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {limit:?}")))
         })
         .map_err(|e| {
             UserError::with_code(format!("unhealthy: {}", describe_agent_error(&rec, &e)), 1)

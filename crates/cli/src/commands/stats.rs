@@ -11,6 +11,9 @@ use microbox_runtime::agent_client::AgentClient;
 use super::Ctx;
 use crate::boxes::BoxRecord;
 
+/// How long `stats` waits for one box's agent.
+const AGENT_QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// (utime + stime) in clock ticks and RSS in bytes of one process.
 fn proc_usage(pid: u32) -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -102,15 +105,22 @@ pub fn stats(ctx: &Ctx, keys: &[String], no_stream: bool) -> Result<()> {
             let cpu_pct = (ticks.saturating_sub(prev) as f64 / hz) / secs * 100.0;
             last.insert(r.id.to_string(), (ticks, now));
             let (guest, net) = match (&r.agent_socket, r.state.is_running()) {
+                // A box whose agent is starved (a fork bomb) or frozen must not stall the
+                // table: its guest columns stay empty.
                 (Some(sock), true) => rt.block_on(async {
-                    let Ok(c) = AgentClient::connect_unix(sock).await else {
-                        return (None, None);
+                    let query = async {
+                        let Ok(c) = AgentClient::connect_unix(sock).await else {
+                            return (None, None);
+                        };
+                        let net = c.read_file("/proc/net/dev").await.ok();
+                        (
+                            c.stats().await.ok(),
+                            net.map(|b| parse_net_dev(&String::from_utf8_lossy(&b))),
+                        )
                     };
-                    let net = c.read_file("/proc/net/dev").await.ok();
-                    (
-                        c.stats().await.ok(),
-                        net.map(|b| parse_net_dev(&String::from_utf8_lossy(&b))),
-                    )
+                    tokio::time::timeout(AGENT_QUERY_TIMEOUT, query)
+                        .await
+                        .unwrap_or((None, None))
                 }),
                 _ => (None, None),
             };
