@@ -954,6 +954,12 @@ impl VmManager {
         vm.resume().await.map_err(Into::into)
     }
 
+    /// What the VMM says of the VM ("running", "paused", ...).
+    pub async fn vmm_status(&self) -> Result<String> {
+        let vm = self.vm()?;
+        vm.vmm_status().await.map_err(Into::into)
+    }
+
     /// The connected agent client (streaming execs, files, stats). Only while the box runs.
     pub fn agent_client(&self) -> Result<crate::agent_client::AgentClient> {
         Ok(self.agent()?.client())

@@ -57,6 +57,14 @@ async fn boot_health_exec_stop_leaves_nothing() {
         .unwrap();
     assert_eq!(fail.exit_code, Some(7));
 
+    // Pause and resume through QMP; the VMM reports each, and the box works again after.
+    assert_eq!(vm.vmm_status().await.unwrap(), "running");
+    vm.pause().await.unwrap();
+    assert_eq!(vm.vmm_status().await.unwrap(), "paused");
+    vm.resume().await.unwrap();
+    assert_eq!(vm.vmm_status().await.unwrap(), "running");
+    assert!(vm.health_check().await.unwrap());
+
     // Streaming: stdin from a reader, output into writers as it arrives.
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let st = vm

@@ -381,6 +381,18 @@ impl VmHandle for KrunVm {
         }
         .boxed()
     }
+    fn vmm_status(&self) -> BoxFuture<'_, Result<String, HypervisorError>> {
+        // libkrun has no control channel; the VMM process either runs the VM or has ended.
+        async move {
+            Ok(if self.vmm.is_running() {
+                "running"
+            } else {
+                "ended"
+            }
+            .to_string())
+        }
+        .boxed()
+    }
     fn resume(&self) -> BoxFuture<'_, Result<(), HypervisorError>> {
         async move {
             Err(HypervisorError::InvalidSpec(

@@ -114,6 +114,8 @@ pub trait VmHandle: Send + Sync {
     fn powerdown(&self) -> BoxFuture<'_, Result<(), HypervisorError>>;
     fn pause(&self) -> BoxFuture<'_, Result<(), HypervisorError>>;
     fn resume(&self) -> BoxFuture<'_, Result<(), HypervisorError>>;
+    /// The VMM's own view of the VM: "running", "paused", ... (QMP `query-status`).
+    fn vmm_status(&self) -> BoxFuture<'_, Result<String, HypervisorError>>;
     /// Lets the host take back guest memory the guest has freed (balloon free page reporting
     /// and an inflate/deflate cycle sized by `guest_available_bytes` when known). Returns a
     /// description of what was done.

@@ -514,6 +514,17 @@ impl VmHandle for QemuVm {
         async move { self.qmp_execute("cont", None).await.map(drop) }.boxed()
     }
 
+    fn vmm_status(&self) -> BoxFuture<'_, Result<String, HypervisorError>> {
+        async move {
+            let r = self.qmp_execute("query-status", None).await?;
+            r["status"]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| HypervisorError::Qmp(format!("query-status answered {r}")))
+        }
+        .boxed()
+    }
+
     fn reclaim_memory(
         &self,
         guest_available_bytes: Option<u64>,
