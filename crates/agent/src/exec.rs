@@ -332,8 +332,10 @@ fn spawn(
     p: &Prepared,
     reaper: &Reaper,
     mount_ns: Option<&OwnedFd>,
+    cgroup_procs: Option<&OwnedFd>,
 ) -> Result<Spawned, Status> {
     let mount_ns = mount_ns.map(|fd| fd.as_raw_fd());
+    let cgroup_procs = cgroup_procs.map(|fd| fd.as_raw_fd());
     let chroot = if root == Path::new("/") {
         None
     } else {
@@ -383,6 +385,12 @@ fn spawn(
     // syscalls on data prepared before the fork (no allocation, no locks).
     unsafe {
         cmd.pre_exec(move || {
+            // Into the workloads' cgroup before anything else ("0" = the writing process).
+            if let Some(fd) = cgroup_procs {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -522,6 +530,9 @@ pub struct ExecContext {
     /// chroot, so mounts a workload makes are shared by the box's processes and never reach
     /// the agent's own namespace.
     pub mount_ns: Option<Arc<OwnedFd>>,
+    /// `cgroup.procs` of the workloads' cgroup (PID 1 mode; see [`crate::cgroup`]): every
+    /// workload moves itself there first thing after the fork.
+    pub cgroup_procs: Option<Arc<OwnedFd>>,
 }
 
 /// Creates the workload mount namespace: a copy of the agent's, with every mount private (no
@@ -557,7 +568,13 @@ pub fn start(
     let t0 = std::time::Instant::now();
     let prepared = prepare(&ctx.root, start)?;
     let t1 = std::time::Instant::now();
-    let spawned = spawn(&ctx.root, &prepared, &ctx.reaper, ctx.mount_ns.as_deref())?;
+    let spawned = spawn(
+        &ctx.root,
+        &prepared,
+        &ctx.reaper,
+        ctx.mount_ns.as_deref(),
+        ctx.cgroup_procs.as_deref(),
+    )?;
     let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
     ctx.procs.insert(spawned.pid, spawned.pty.clone());
     tracing::debug!(

@@ -6,6 +6,7 @@
 //! socket with DIR as the workload root, so the protocol can be tested on a host without a VM.
 
 mod attest;
+mod cgroup;
 mod exec;
 mod files;
 mod init;
@@ -315,7 +316,9 @@ async fn serve(
     } else {
         None
     };
-    let svc = service::AgentService::new(root, reaper, shutdown_tx, mount_ns);
+    // As PID 1 the workloads also get their own cgroup, with limits that keep the agent alive.
+    let cgroup_procs = reap_all.then(cgroup::for_workloads).flatten();
+    let svc = service::AgentService::new(root, reaper, shutdown_tx, mount_ns, cgroup_procs);
     let procs = svc.procs();
     let (reporter, health) = health_reporter();
     reporter

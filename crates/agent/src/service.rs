@@ -39,6 +39,7 @@ impl AgentService {
         reaper: Arc<Reaper>,
         shutdown: mpsc::Sender<()>,
         mount_ns: Option<std::os::fd::OwnedFd>,
+        cgroup_procs: Option<std::os::fd::OwnedFd>,
     ) -> Self {
         AgentService {
             exec: ExecContext {
@@ -46,6 +47,7 @@ impl AgentService {
                 reaper,
                 procs: Arc::new(ProcTable::default()),
                 mount_ns: mount_ns.map(Arc::new),
+                cgroup_procs: cgroup_procs.map(Arc::new),
             },
             shutdown,
         }

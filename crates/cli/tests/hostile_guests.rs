@@ -107,6 +107,14 @@ fn hostile_guests_hurt_neither_the_host_nor_other_boxes() {
         let out = bounded(&env, &["exec", "witness", "echo", "alive"], long);
         assert!(out.status.success());
         assert_eq!(String::from_utf8_lossy(&out.stdout), "alive\n");
+        // The bombed box's own agent still answers: the bomb is held in the workloads cgroup.
+        let health = bounded(&env, &["health", "bomb"], long);
+        assert_eq!(
+            health.status.code(),
+            Some(0),
+            "the bombed box's agent is healthy: {}",
+            String::from_utf8_lossy(&health.stderr)
+        );
     }
     assert!(bounded(&env, &["ps", "-a"], long).status.success());
     assert!(bounded(&env, &["stats", "--no-stream"], long)
