@@ -23,6 +23,7 @@ APT_PACKAGES=(
   build-essential pkg-config  # linking, and the cargo-installed helpers
   python3-pip
   cpio curl jq
+  openssl                  # the test token server signs its registry tokens with it
 )
 
 missing=()

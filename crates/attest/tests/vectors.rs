@@ -11,20 +11,7 @@ use std::path::PathBuf;
 use std::time::SystemTime;
 
 fn vectors() -> Option<PathBuf> {
-    let dir = std::env::var_os("MICROBOX_SEV_TESTDATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata/sev")
-        });
-    if dir.join("milan-report.bin").is_file() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "SEV test vectors are ABSENT at {} (set MICROBOX_SEV_TESTDATA); skipping this test",
-            dir.display()
-        );
-        None
-    }
+    microbox_testsupport::sev_vectors()
 }
 
 fn read(dir: &std::path::Path, name: &str) -> Vec<u8> {

@@ -16,6 +16,7 @@
 
 pub mod bench;
 pub mod faultproxy;
+pub mod tokenserver;
 
 use std::collections::HashMap;
 use std::fs;
@@ -53,6 +54,7 @@ const BUILDER_VERSION: &str = "2";
 
 static REGISTRY: OnceLock<Registry> = OnceLock::new();
 static AUTH_REGISTRY: OnceLock<Registry> = OnceLock::new();
+static TOKEN_REGISTRY: OnceLock<(Registry, tokenserver::TokenServer)> = OnceLock::new();
 static CHILDREN: Mutex<Vec<Child>> = Mutex::new(Vec::new());
 static TEMP_ROOTS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 static ATEXIT: std::sync::Once = std::sync::Once::new();
@@ -94,19 +96,43 @@ pub fn process_temp_dir(prefix: &str) -> PathBuf {
     tmp
 }
 
+/// A third process-wide registry that wants Docker Hub style bearer tokens from
+/// [`tokenserver`] (which grants anonymous clients what they ask); empty until a test pushes.
+pub fn registry_with_token_auth() -> &'static (Registry, tokenserver::TokenServer) {
+    TOKEN_REGISTRY.get_or_init(|| {
+        let tmp = process_temp_dir("microbox-tokens-");
+        let tokens = tokenserver::TokenServer::start(&tmp);
+        let auth = format!(
+            "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    \
+             rootcertbundle: {}\n",
+            tokens.realm,
+            tokenserver::SERVICE,
+            tokenserver::ISSUER,
+            tokens.cert.display()
+        );
+        (start_registry_with(auth), tokens)
+    })
+}
+
 fn start_registry(basic_auth: bool) -> Registry {
-    require_tool("docker-registry", "apt-get install docker-registry");
-    let tmp = process_temp_dir("microbox-registry-");
-    let storage = tmp.join("storage");
-    fs::create_dir_all(&storage).unwrap();
     let mut auth = String::new();
     if basic_auth {
+        let tmp = process_temp_dir("microbox-htpasswd-");
         fs::write(tmp.join("htpasswd"), format!("{AUTH_HTPASSWD}\n")).unwrap();
         auth = format!(
             "auth:\n  htpasswd:\n    realm: microbox-test\n    path: {}\n",
             tmp.join("htpasswd").display()
         );
     }
+    start_registry_with(auth)
+}
+
+/// Starts a registry whose config has `auth` (a YAML `auth:` section, or nothing).
+fn start_registry_with(auth: String) -> Registry {
+    require_tool("docker-registry", "apt-get install docker-registry");
+    let tmp = process_temp_dir("microbox-registry-");
+    let storage = tmp.join("storage");
+    fs::create_dir_all(&storage).unwrap();
 
     let mut last_err = String::new();
     for _attempt in 0..5 {
@@ -213,6 +239,26 @@ fn kill_children(pid: Option<u32>) {
             let _ = child.wait();
             false
         });
+    }
+}
+
+/// The real SEV-SNP test vectors (`../shared/testdata/sev` beside the workspace, or
+/// `MICROBOX_SEV_TESTDATA`). They are not part of the repository: without them this says so
+/// and returns `None`, and the tests that need them return.
+pub fn sev_vectors() -> Option<PathBuf> {
+    let dir = std::env::var_os("MICROBOX_SEV_TESTDATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata/sev")
+        });
+    if dir.join("milan-report.bin").is_file() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "SEV test vectors are ABSENT at {} (set MICROBOX_SEV_TESTDATA); skipping this test",
+            dir.display()
+        );
+        None
     }
 }
 
@@ -550,7 +596,26 @@ pub fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn require_tool(tool: &str, hint: &str) {
+/// Runs `cmd` with `input` on its stdin and its stdout captured (stderr as the caller set it);
+/// returns the output. The input is written from a thread, so a chatty child cannot block it.
+pub fn output_with_stdin(cmd: &mut Command, input: &[u8]) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let out = child.wait_with_output().expect("wait for the child");
+    // A child that exits without reading all of it (a failing check) is the caller's to judge.
+    match writer.join().expect("stdin writer") {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => panic!("write to {cmd:?}: {e}"),
+        _ => out,
+    }
+}
+
+pub(crate) fn require_tool(tool: &str, hint: &str) {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
         .unwrap_or(false);
