@@ -798,6 +798,61 @@ pub(crate) fn remove_all_at(
     rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
 }
 
+/// Recreates the tree in `src` inside the empty directory `dst`: directories anew (owner,
+/// mode, xattrs, mtime), every other entry as a hard link to the same inode, never following
+/// symlinks. Layers can then be applied on top of `dst` without touching `src`, because the
+/// extractor never writes into an existing file: it replaces names (unlink, then create) and
+/// changes only directories in place. Needs root (directories may be read-only).
+pub(crate) fn link_tree_at(src: BorrowedFd, dst: BorrowedFd) -> std::result::Result<(), Errno> {
+    for name in list_dir(src)? {
+        let st = rustix::fs::statat(src, &name, AtFlags::SYMLINK_NOFOLLOW)?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+            rustix::fs::linkat(src, &name, dst, &name, AtFlags::empty())?;
+            continue;
+        }
+        rustix::fs::mkdirat(dst, &name, Mode::from(0o700))?;
+        let flags = OFlags::RDONLY | DIR_FLAGS | OFlags::NOFOLLOW;
+        let s = rustix::fs::openat(src, &name, flags, Mode::empty())?;
+        let d = rustix::fs::openat(dst, &name, flags, Mode::empty())?;
+        link_tree_at(s.as_fd(), d.as_fd())?;
+        rustix::fs::fchown(
+            &d,
+            Some(rustix::fs::Uid::from_raw(st.st_uid)),
+            Some(rustix::fs::Gid::from_raw(st.st_gid)),
+        )?;
+        copy_xattrs(s.as_fd(), d.as_fd())?;
+        rustix::fs::fchmod(&d, Mode::from_raw_mode(st.st_mode & 0o7777))?;
+        let ts = Timestamps {
+            last_access: Timespec {
+                tv_sec: st.st_atime as _,
+                tv_nsec: st.st_atime_nsec as _,
+            },
+            last_modification: Timespec {
+                tv_sec: st.st_mtime as _,
+                tv_nsec: st.st_mtime_nsec as _,
+            },
+        };
+        rustix::fs::futimens(&d, &ts)?;
+    }
+    Ok(())
+}
+
+fn copy_xattrs(src: BorrowedFd, dst: BorrowedFd) -> std::result::Result<(), Errno> {
+    let mut names = vec![0u8; 4096];
+    let n = match rustix::fs::flistxattr(src, &mut names) {
+        Ok(n) => n,
+        Err(Errno::NOTSUP) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for name in names[..n].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let name = OsStr::from_bytes(name);
+        let mut value = vec![0u8; 65536];
+        let len = rustix::fs::fgetxattr(src, name, &mut value)?;
+        rustix::fs::fsetxattr(dst, name, &value[..len], rustix::fs::XattrFlags::empty())?;
+    }
+    Ok(())
+}
+
 fn list_dir(dir: BorrowedFd) -> std::result::Result<Vec<std::ffi::OsString>, Errno> {
     let mut out = Vec::new();
     let d = rustix::fs::Dir::read_from(dir)?;
@@ -840,6 +895,20 @@ fn clear_opaque(
         }
     }
     Ok(())
+}
+
+/// Fills the empty directory `dst` with hard links to the tree `src` (see [`link_tree_at`]).
+pub fn link_tree(src: &Path, dst: &Path) -> Result<()> {
+    let open = |p: &Path| {
+        rustix::fs::open(
+            p,
+            OFlags::RDONLY | DIR_FLAGS | OFlags::NOFOLLOW,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io("open", p)(e.into()))
+    };
+    let (s, d) = (open(src)?, open(dst)?);
+    link_tree_at(s.as_fd(), d.as_fd()).map_err(|e| Error::io("link tree into", dst)(e.into()))
 }
 
 /// Applies the layer blobs at `layers` (path, digest) in order onto `root`.

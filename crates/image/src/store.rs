@@ -416,7 +416,7 @@ impl ImageStore {
             let name = e.file_name().to_string_lossy().into_owned();
             if !keep_rootfs.contains(&name) {
                 // A running box may still use the rootfs of an image that was untagged.
-                let Some(_unused) = self.try_lock_exclusive(&format!("rootfs-use-{name}"))? else {
+                let Some(_unused) = self.try_lock_exclusive(&rootfs_use_lock(&name))? else {
                     continue;
                 };
                 remove_tree(&e.path())?;
@@ -449,7 +449,7 @@ impl ImageStore {
     /// until dropped. Taken before the rootfs is looked up, so a prune either finished before
     /// (and the rootfs is rebuilt here) or sees the lease.
     pub fn lease_rootfs(&self, image: &ImageHandle) -> Result<(PathBuf, RootfsLease)> {
-        let lock = self.lock(&format!("rootfs-use-{}", rootfs_key(image)), false)?;
+        let lock = self.lock(&rootfs_use_lock(&rootfs_key(image)), false)?;
         let path = self.rootfs(image)?;
         Ok((path, RootfsLease { _lock: lock }))
     }
@@ -462,7 +462,7 @@ impl ImageStore {
         ready: &mut dyn FnMut(usize) -> Result<()>,
     ) -> Result<PathBuf> {
         let key = rootfs_key(image);
-        let dest = self.state.join("rootfs").join(&key);
+        let dest = self.rootfs_dir(&key);
         if dest.is_dir() {
             return Ok(dest);
         }
@@ -475,12 +475,53 @@ impl ImageStore {
             .tempdir_in(self.tmp_dir())
             .map_err(Error::io("create temp dir", self.tmp_dir()))?;
         let work = tmp.path().join("rootfs");
-        fs::create_dir(&work).map_err(Error::io("create", &work))?;
-        fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .map_err(Error::io("chmod", &work))?;
-        self.apply(image, &work, ready)?;
+        let fresh = || -> Result<()> {
+            fs::create_dir(&work).map_err(Error::io("create", &work))?;
+            fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .map_err(Error::io("chmod", &work))
+        };
+        fresh()?;
+        let mut skip = 0;
+        if let Some((base, k, _lease)) = self.cached_prefix(image)? {
+            match crate::extract::link_tree(&base, &work) {
+                Ok(()) => skip = k,
+                Err(e) => {
+                    // e.g. EMLINK on a much-linked inode: build from scratch instead.
+                    tracing::warn!(error = %e, "reusing the base image's rootfs failed");
+                    remove_tree(&work)?;
+                    fresh()?;
+                }
+            }
+        }
+        self.apply_from(image, skip, &work, ready)?;
         fs::rename(&work, &dest).map_err(Error::io("rename rootfs into place", &dest))?;
         Ok(dest)
+    }
+
+    /// Where the rootfs with cache key `key` lives once built.
+    fn rootfs_dir(&self, key: &str) -> PathBuf {
+        self.state.join("rootfs").join(key)
+    }
+
+    /// The longest proper prefix of `image`'s layer chain whose rootfs is already built (the
+    /// rootfs of an image it is built FROM), with a lease that keeps `prune` away while it is
+    /// linked from. Only for root: the linked tree keeps its final, possibly read-only,
+    /// directory modes, which only root can write through.
+    fn cached_prefix(&self, image: &ImageHandle) -> Result<Option<(PathBuf, usize, Lock)>> {
+        if !rustix::process::geteuid().is_root() {
+            return Ok(None);
+        }
+        for k in (1..image.layers.len()).rev() {
+            let key = chain_key(&image.layers[..k]);
+            let dir = self.rootfs_dir(&key);
+            if dir.is_dir() {
+                let lease = self.lock(&rootfs_use_lock(&key), false)?;
+                if dir.is_dir() {
+                    return Ok(Some((dir, k, lease)));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Materialises the image's root filesystem into `dest` (created if missing; must be
@@ -496,20 +537,23 @@ impl ImageStore {
                 "destination directory is not empty",
             )));
         }
-        self.apply(image, dest, &mut |_| Ok(()))
+        self.apply_from(image, 0, dest, &mut |_| Ok(()))
     }
 
-    fn apply(
+    /// Applies the image's layers from index `skip` on (the ones before are in `dest` already).
+    fn apply_from(
         &self,
         image: &ImageHandle,
+        skip: usize,
         dest: &Path,
         ready: &mut dyn FnMut(usize) -> Result<()>,
     ) -> Result<()> {
         let mut layers = Vec::new();
-        for l in &image.layers {
+        for l in &image.layers[skip..] {
             layers.push((self.blob_path(&l.digest)?, l.digest.clone()));
         }
         crate::extract::apply_layers_when_ready(dest, &layers, &mut |i| {
+            let i = i + skip;
             ready(i)?;
             let l = &image.layers[i];
             if !self.has_blob(&l.digest, l.size) {
@@ -523,10 +567,20 @@ impl ImageStore {
     }
 }
 
+/// The lock a box holds (shared) while it uses the rootfs `key`, and `prune` takes
+/// exclusively before removing it.
+fn rootfs_use_lock(key: &str) -> String {
+    format!("rootfs-use-{key}")
+}
+
 /// Rootfs cache key: hash of the diff_id chain (same layers, same tree).
 fn rootfs_key(h: &ImageHandle) -> String {
+    chain_key(&h.layers)
+}
+
+fn chain_key(layers: &[crate::LayerInfo]) -> String {
     let mut s = sha2::Sha256::new();
-    for l in &h.layers {
+    for l in layers {
         s.update(l.diff_id.as_bytes());
         s.update(b"\n");
     }

@@ -213,3 +213,104 @@ async fn prune_keeps_a_leased_rootfs_of_an_untagged_image() {
     assert_eq!(store.prune().unwrap().rootfs_removed, 1);
     assert!(!rootfs.exists());
 }
+
+/// The uncompressed layer tars of a test image's OCI layout, in order.
+fn layer_tars(layout: &std::path::Path, out: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let blob = |d: &str| {
+        layout
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let mdigest = index["manifests"][0]["digest"].as_str().unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blob(mdigest)).unwrap()).unwrap();
+    let mut tars = Vec::new();
+    for (i, l) in manifest["layers"].as_array().unwrap().iter().enumerate() {
+        let mut data = Vec::new();
+        let f = std::fs::File::open(blob(l["digest"].as_str().unwrap())).unwrap();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(f), &mut data).unwrap();
+        let p = out.join(format!("layer{i}.tar"));
+        std::fs::write(&p, data).unwrap();
+        tars.push(p);
+    }
+    tars
+}
+
+/// An image built FROM another reuses the base image's rootfs (hard links to its files) and
+/// applies only its own layers; the result equals a from-scratch unpack and the base's tree is
+/// left exactly as it was, through layer 2's deletions, replacements and type changes and
+/// layer 3's opaque directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn derived_image_reuses_the_base_rootfs_and_leaves_it_untouched() {
+    if !ts::is_root() {
+        eprintln!("skipping: the shared base rootfs is used only by root");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let tars = layer_tars(&ts::layout("multilayer"), work.path());
+    assert_eq!(tars.len(), 3);
+    let base_layout = ts::build_image_from_tars(&work.path().join("base"), &tars[..1]);
+    let mid_layout = ts::build_image_from_tars(&work.path().join("mid"), &tars[..2]);
+    let full_layout = ts::build_image_from_tars(&work.path().join("full"), &tars);
+    let base_ref = ts::push_layout(&base_layout, "latest", "reuse/base:latest");
+    let mid_ref = ts::push_layout(&mid_layout, "latest", "reuse/mid:latest");
+    let full_ref = ts::push_layout(&full_layout, "latest", "reuse/full:latest");
+
+    let root = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(root.path()).unwrap();
+    let pull = |r: String| {
+        let store = &store;
+        async move {
+            store
+                .pull(&r, &PullOptions::default(), &NoProgress)
+                .await
+                .unwrap()
+        }
+    };
+    let base = pull(base_ref).await;
+    let base_fs = store.rootfs(&base).unwrap();
+    let before = snapshot(&base_fs);
+    let mid = pull(mid_ref).await;
+    let mid_fs = store.rootfs(&mid).unwrap();
+    let full = pull(full_ref).await;
+    let full_fs = store.rootfs(&full).unwrap();
+
+    use std::os::unix::fs::MetadataExt;
+    let ino = |p: std::path::PathBuf| std::fs::symlink_metadata(p).unwrap().ino();
+    // Layer 1's untouched files are the base's inodes; the full image was built on mid (the
+    // longest cached prefix), whose files are the base's too.
+    assert_eq!(
+        ino(base_fs.join("bin/busybox")),
+        ino(mid_fs.join("bin/busybox"))
+    );
+    assert_eq!(
+        ino(base_fs.join("bin/busybox")),
+        ino(full_fs.join("bin/busybox"))
+    );
+    assert_eq!(
+        ino(mid_fs.join("links/l2-target")),
+        ino(full_fs.join("links/l2-target"))
+    );
+    // Files a later layer replaced are new inodes.
+    assert_ne!(
+        ino(base_fs.join("data/keep.txt")),
+        ino(mid_fs.join("data/keep.txt"))
+    );
+
+    assert_eq!(
+        diff(&snapshot(&base_fs), &before),
+        Vec::<String>::new(),
+        "base unchanged"
+    );
+    for (h, fs_dir, name) in [(&mid, &mid_fs, "mid"), (&full, &full_fs, "full")] {
+        let fresh = work.path().join(format!("fresh-{name}"));
+        store.unpack(h, &fresh).unwrap();
+        assert_eq!(
+            diff(&snapshot(fs_dir), &snapshot(&fresh)),
+            Vec::<String>::new(),
+            "{name}: reused rootfs == from-scratch unpack"
+        );
+    }
+}
