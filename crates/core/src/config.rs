@@ -112,9 +112,11 @@ impl PortMapping {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkMode {
-    /// A virtio-net NIC backed by a user-mode network stack on the host.
+    /// A virtio-net NIC backed by QEMU's built-in user-mode stack (slirp).
     #[default]
     User,
+    /// A virtio-net NIC backed by passt, a user-mode stack in its own sandboxed process.
+    Passt,
     /// No NIC: loopback only.
     None,
 }

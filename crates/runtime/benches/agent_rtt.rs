@@ -179,8 +179,12 @@ async fn bench_vm(uds: PathBuf, n: usize) {
     // The VM may still be booting.
     let mut client = None;
     for _ in 0..600 {
-        if let Ok(c) =
-            AgentClient::connect_hybrid_vsock(&uds, microbox_agent_proto::AGENT_VSOCK_PORT).await
+        if let Ok(c) = AgentClient::connect_hybrid_vsock(
+            &uds,
+            microbox_agent_proto::AGENT_VSOCK_PORT,
+            &Default::default(),
+        )
+        .await
         {
             if c.health().await.unwrap_or(false) {
                 client = Some(c);
@@ -210,7 +214,7 @@ async fn bench_vm(uds: PathBuf, n: usize) {
         .expect("starting the echo server");
     let mut stream = None;
     for _ in 0..100 {
-        if let Ok(s) = connect_hybrid_vsock_stream(&uds, ECHO_PORT).await {
+        if let Ok(s) = connect_hybrid_vsock_stream(&uds, ECHO_PORT, &Default::default()).await {
             stream = Some(s);
             break;
         }

@@ -4,7 +4,7 @@
 //! helpers (virtiofsd for the shared rootfs, vhost-device-vsock) and waits for the same thing
 //! (the agent answering health SERVING on vsock port 4088), but a minimal QEMU command line and
 //! none of microbox's bookkeeping. Runs alternate. Then: host RSS of an idle box before/after
-//! `compact()`.
+//! `compact()`, and pause/resume rounds.
 //!
 //! `cargo bench -p microbox-runtime --bench boot` (BENCH_RUNS=N, default 5).
 
@@ -139,7 +139,7 @@ async fn baseline_boot(a: &Assets, dir: &Path) -> Duration {
         .unwrap();
     assert_eq!(&line, microbox_agent_proto::READY_LINE);
     loop {
-        if let Ok(c) = AgentClient::connect_hybrid_vsock(&uds, 4088).await {
+        if let Ok(c) = AgentClient::connect_hybrid_vsock(&uds, 4088, &Default::default()).await {
             if c.health().await.unwrap_or(false) {
                 break;
             }
@@ -290,6 +290,45 @@ async fn main() {
             microbox_runtime::process::rss_bytes(p.pid).unwrap_or(0) as f64 / 1048576.0
         );
     }
+    // pause() + resume() rounds with an exec after each: how long a round takes, and whether
+    // the agent still answers (host I/O reaching the stopped vsock queues would kill it).
+    const PAUSE_ROUNDS: usize = 50;
+    let mut rounds = Vec::new();
+    let mut dead = 0.0;
+    for _ in 0..PAUSE_ROUNDS {
+        let t = Instant::now();
+        vm.pause().await.unwrap();
+        vm.resume().await.unwrap();
+        rounds.push(t.elapsed());
+        let exec = tokio::time::timeout(
+            Duration::from_secs(20),
+            vm.exec(microbox_runtime::ExecRequest::new(["true"])),
+        )
+        .await;
+        if !matches!(exec, Ok(Ok(ref r)) if r.exit_code == Some(0)) {
+            println!("exec after resume {}: {exec:?}", rounds.len());
+            dead = 1.0;
+            break;
+        }
+    }
+    println!("{} pause/resume rounds", rounds.len());
+    record(Figure {
+        bench: "boot",
+        name: "pause() + resume(), median",
+        unit: "ms",
+        value: ms(median(&mut rounds)),
+        baseline: None,
+        target: None,
+    });
+    record(Figure {
+        bench: "boot",
+        name: "agent lost after a pause/resume round",
+        unit: "boxes",
+        value: dead,
+        baseline: None,
+        target: Some("0"),
+    });
+
     let t = Instant::now();
     vm.stop(Duration::from_secs(10)).await.unwrap();
     record(Figure {

@@ -25,6 +25,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Streaming;
 
+pub use crate::vsock_gate::{GatedStream, IoGate};
+
 /// What to run: the protocol's `ExecStart` (argv, env "K=V", cwd, user, tty, rows, cols, stdin).
 pub use microbox_agent_proto::v1::ExecStart as ExecSpec;
 pub use microbox_agent_proto::v1::FileFormat as TransferFormat;
@@ -84,6 +86,20 @@ impl AgentClientError {
             _ => None,
         }
     }
+
+    /// Whether a call failed because the connection to the agent broke (tonic reports that as
+    /// an Unknown or Unavailable status saying "transport error"), not because the agent said no.
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            AgentClientError::Rpc { status, .. } => {
+                matches!(
+                    status.code(),
+                    tonic::Code::Unknown | tonic::Code::Unavailable
+                ) && status.message().contains("transport error")
+            }
+            _ => false,
+        }
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -103,9 +119,15 @@ fn rpc(rpc: &'static str) -> impl FnOnce(tonic::Status) -> AgentClientError {
     move |status| AgentClientError::Rpc { rpc, status }
 }
 
-/// Opens a stream to guest `port` through the hybrid-vsock socket `uds`.
-pub async fn connect_hybrid_vsock_stream(uds: &Path, port: u32) -> Result<UnixStream> {
-    let mut s = UnixStream::connect(uds)
+/// Opens a stream to guest `port` through the hybrid-vsock socket `uds`, every operation of
+/// which passes `gate` (see [`crate::vsock_gate`]).
+pub async fn connect_hybrid_vsock_stream(
+    uds: &Path,
+    port: u32,
+    gate: &IoGate,
+) -> Result<GatedStream> {
+    let mut s = gate
+        .connect(uds)
         .await
         .map_err(|source| AgentClientError::Connect {
             path: uds.to_path_buf(),
@@ -321,20 +343,22 @@ impl AgentClient {
 
     /// Connects through a hybrid-vsock Unix socket (vhost-device-vsock, Firecracker): every
     /// (re)connection sends `CONNECT <port>\n` and expects `OK <n>\n`. The first handshake is done
-    /// here, so a refused handshake is reported as such.
-    pub async fn connect_hybrid_vsock(uds: &Path, port: u32) -> Result<AgentClient> {
-        let first = connect_hybrid_vsock_stream(uds, port).await?;
+    /// here, so a refused handshake is reported as such. All its I/O passes `gate`.
+    pub async fn connect_hybrid_vsock(uds: &Path, port: u32, gate: &IoGate) -> Result<AgentClient> {
+        let first = connect_hybrid_vsock_stream(uds, port, gate).await?;
         let first = Arc::new(Mutex::new(Some(first)));
         let uds = uds.to_path_buf();
+        let gate = gate.clone();
         let channel = endpoint()
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let uds = uds.clone();
                 let first = first.clone();
+                let gate = gate.clone();
                 async move {
                     let ready = first.lock().unwrap_or_else(|p| p.into_inner()).take();
                     let stream = match ready {
                         Some(s) => s,
-                        None => connect_hybrid_vsock_stream(&uds, port)
+                        None => connect_hybrid_vsock_stream(&uds, port, &gate)
                             .await
                             .map_err(io::Error::other)?,
                     };
@@ -746,12 +770,14 @@ impl Drop for BridgeHandle {
 }
 
 /// Serves a plain Unix socket at `listen_path` that bridges every connection to guest `port`
-/// through the hybrid-vsock socket `uds`. The socket's directory must already exist and be
-/// private to its owner (no group/other access), and the socket is made mode 0600.
+/// through the hybrid-vsock socket `uds` (the device side passing `gate`). The socket's
+/// directory must already exist and be private to its owner (no group/other access), and the
+/// socket is made mode 0600.
 pub async fn serve_bridge(
     listen_path: &Path,
     uds: impl AsRef<Path>,
     port: u32,
+    gate: &IoGate,
 ) -> Result<BridgeHandle> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let bridge_err = |detail: String| AgentClientError::Bridge {
@@ -783,6 +809,7 @@ pub async fn serve_bridge(
     std::fs::set_permissions(listen_path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| bridge_err(format!("chmod 0600: {e}")))?;
     let uds = uds.as_ref().to_path_buf();
+    let gate = gate.clone();
     let task = tokio::spawn(async move {
         loop {
             let (mut client, _) = match listener.accept().await {
@@ -794,8 +821,9 @@ pub async fn serve_bridge(
                 }
             };
             let uds = uds.clone();
+            let gate = gate.clone();
             tokio::spawn(async move {
-                match connect_hybrid_vsock_stream(&uds, port).await {
+                match connect_hybrid_vsock_stream(&uds, port, &gate).await {
                     Ok(mut guest) => {
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut guest).await;
                     }
@@ -844,7 +872,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // The data after the newline must not be swallowed by the handshake reader.
         let uds = fake_device(dir.path(), "OK 1073741824\n").await;
-        let mut s = connect_hybrid_vsock_stream(&uds, 4088).await.unwrap();
+        let mut s = connect_hybrid_vsock_stream(&uds, 4088, &IoGate::default())
+            .await
+            .unwrap();
         s.write_all(b"ping").await.unwrap();
         let mut buf = [0u8; 4];
         s.read_exact(&mut buf).await.unwrap();
@@ -855,7 +885,9 @@ mod tests {
     async fn handshake_errors_show_the_answer() {
         let dir = tempfile::tempdir().unwrap();
         let uds = fake_device(dir.path(), "ERR no listener\n").await;
-        let e = connect_hybrid_vsock_stream(&uds, 4088).await.unwrap_err();
+        let e = connect_hybrid_vsock_stream(&uds, 4088, &IoGate::default())
+            .await
+            .unwrap_err();
         assert!(
             matches!(e, AgentClientError::HandshakeRefused { .. }),
             "{e}"
@@ -864,10 +896,12 @@ mod tests {
 
         let dir2 = tempfile::tempdir().unwrap();
         let uds = fake_device(dir2.path(), "").await;
-        let e = connect_hybrid_vsock_stream(&uds, 4088).await.unwrap_err();
+        let e = connect_hybrid_vsock_stream(&uds, 4088, &IoGate::default())
+            .await
+            .unwrap_err();
         assert!(matches!(e, AgentClientError::HandshakeClosed { .. }), "{e}");
 
-        let e = connect_hybrid_vsock_stream(&dir.path().join("missing"), 4088)
+        let e = connect_hybrid_vsock_stream(&dir.path().join("missing"), 4088, &IoGate::default())
             .await
             .unwrap_err();
         assert!(e.to_string().contains("missing"), "{e}");
@@ -881,7 +915,7 @@ mod tests {
         let open = dir.path().join("open");
         std::fs::create_dir(&open).unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let e = serve_bridge(&open.join("agent.sock"), &uds, 4088)
+        let e = serve_bridge(&open.join("agent.sock"), &uds, 4088, &IoGate::default())
             .await
             .err()
             .unwrap();
@@ -891,7 +925,9 @@ mod tests {
         std::fs::create_dir(&private).unwrap();
         std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
         let sock = private.join("agent.sock");
-        let h = serve_bridge(&sock, &uds, 4088).await.unwrap();
+        let h = serve_bridge(&sock, &uds, 4088, &IoGate::default())
+            .await
+            .unwrap();
         let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         // Bridged: no handshake needed by the client, data reaches the (echoing) guest port.

@@ -22,9 +22,11 @@ pub struct AgentLink {
 
 async fn connect(endpoint: &AgentEndpoint) -> Result<AgentClient, String> {
     match endpoint {
-        AgentEndpoint::HybridVsock { uds, port } => AgentClient::connect_hybrid_vsock(uds, *port)
-            .await
-            .map_err(|e| e.to_string()),
+        AgentEndpoint::HybridVsock { uds, port, gate } => {
+            AgentClient::connect_hybrid_vsock(uds, *port, gate)
+                .await
+                .map_err(|e| e.to_string())
+        }
         AgentEndpoint::Unix(p) => AgentClient::connect_unix(p)
             .await
             .map_err(|e| e.to_string()),
@@ -193,11 +195,11 @@ pub struct Bridge {
 
 impl Bridge {
     pub async fn start(listen: &Path, endpoint: &AgentEndpoint) -> Result<Self, String> {
-        let AgentEndpoint::HybridVsock { uds, port } = endpoint else {
+        let AgentEndpoint::HybridVsock { uds, port, gate } = endpoint else {
             return Err("the agent endpoint is already a plain Unix socket".into());
         };
         let _ = std::fs::remove_file(listen);
-        let h = serve_bridge(listen, uds, *port)
+        let h = serve_bridge(listen, uds, *port, gate)
             .await
             .map_err(|e| e.to_string())?;
         Ok(Bridge {

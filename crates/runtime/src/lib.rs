@@ -18,6 +18,7 @@ mod manager;
 pub mod metrics;
 pub mod paths;
 pub mod process;
+pub mod vsock_gate;
 
 pub use accel::{Accel, AccelDecision};
 pub use error::RuntimeError;

@@ -413,7 +413,7 @@ impl VmManager {
         };
         let accel = accel::detect(requested).map_err(RuntimeError::Accel)?;
         let backend =
-            hypervisor::select_backend(cfg.backend, &accel, cfg.network == NetworkMode::User)?;
+            hypervisor::select_backend(cfg.backend, &accel, cfg.network != NetworkMode::None)?;
         backend.check(accel.accel)?;
         let kern = kernel::find_kernel(cfg.kernel.as_deref())?;
         let agent_bin = agent::find_agent()?;
@@ -473,7 +473,7 @@ impl VmManager {
         }
         let (net, boot_net) = match cfg.network {
             NetworkMode::None => (None, None),
-            NetworkMode::User => {
+            NetworkMode::User | NetworkMode::Passt => {
                 let forwards = cfg
                     .ports
                     .iter()
@@ -485,14 +485,20 @@ impl VmManager {
                         (proto.to_string(), p.host_ip, p.host_port, p.guest_port)
                     })
                     .collect();
-                // QEMU's user-mode network: fixed addresses inside the box's private NAT.
+                // A user-mode network: the same fixed addresses inside the box's private NAT
+                // whichever stack serves them.
                 let bn = BootNetwork {
                     interface: "eth0".into(),
                     address_cidr: "10.0.2.15/24".into(),
                     gateway: "10.0.2.2".into(),
                     dns: vec!["10.0.2.3".into()],
                 };
-                (Some(UserNet { forwards }), Some(bn))
+                let stack = if cfg.network == NetworkMode::Passt {
+                    hypervisor::NetStack::Passt
+                } else {
+                    hypervisor::NetStack::Slirp
+                };
+                (Some(UserNet { forwards, stack }), Some(bn))
             }
         };
         let boot_cfg = BootConfig {
@@ -607,27 +613,21 @@ impl VmManager {
     fn spawn_watcher(&self, vm: Arc<dyn VmHandle>) {
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         let mut rx = vm.vmm_exit();
+        // Weak: the watcher must not keep a VM alive that the manager has let go.
+        let vm = Arc::downgrade(&vm);
         tokio::spawn(async move {
-            loop {
-                if rx.borrow_and_update().is_some() {
-                    break;
-                }
-                if rx.changed().await.is_err() {
-                    break;
-                }
-            }
-            let status = rx
-                .borrow()
-                .clone()
-                .map(|i| i.to_string())
-                .unwrap_or_else(|| "unknown status".into());
+            let status = crate::process::wait_exit(&mut rx).await;
             let Some(inner) = weak.upgrade() else { return };
             if inner.stopping.load(Ordering::SeqCst) {
                 return;
             }
             let console = tail_of(&inner.box_paths.console_log(), 3);
-            let reason =
-                format!("the VMM exited unexpectedly ({status}); last console lines: {console}");
+            let reason = match vm.upgrade().and_then(|v| v.exit_cause()) {
+                Some(cause) => format!("{cause}; last console lines: {console}"),
+                None => {
+                    format!("the VMM exited unexpectedly ({status}); last console lines: {console}")
+                }
+            };
             tracing::warn!(box_id = %inner.id, %reason, "box died");
             let running = lock(&inner.running).take();
             if let Some(r) = running {
@@ -892,18 +892,24 @@ impl VmManager {
         let mut exit = r.vm.vmm_exit();
         let exited = |rx: &WatchRx| rx.borrow().is_some();
         let half = timeout / 2;
+        // A paused guest cannot shut down: let it run again first, as `docker stop` does.
+        if r.vm.vmm_status().await.is_ok_and(|s| s == "paused") {
+            let _ = r.vm.resume().await;
+        }
         // Only an agent that accepted Shutdown is worth waiting for.
         if matches!(
             tokio::time::timeout(half, r.agent.shutdown()).await,
             Ok(Ok(()))
         ) {
-            let _ =
-                tokio::time::timeout_at(tokio::time::Instant::now() + half, wait_exit(&mut exit))
-                    .await;
+            let _ = tokio::time::timeout_at(
+                tokio::time::Instant::now() + half,
+                crate::process::wait_exit(&mut exit),
+            )
+            .await;
         }
         if !exited(&exit) {
             let _ = r.vm.powerdown().await;
-            let _ = tokio::time::timeout_at(deadline, wait_exit(&mut exit)).await;
+            let _ = tokio::time::timeout_at(deadline, crate::process::wait_exit(&mut exit)).await;
         }
         drop(r.bridge);
         r.vm.terminate(Duration::from_secs(1)).await;
@@ -942,7 +948,8 @@ impl VmManager {
         }
     }
 
-    /// Pauses the vCPUs (QMP `stop`).
+    /// Pauses the vCPUs (QMP `stop`). Agent calls made while paused (exec, health, the
+    /// `agent.sock` bridge) wait for [`VmManager::resume`]; a health check times out meanwhile.
     pub async fn pause(&self) -> Result<()> {
         let vm = self.vm()?;
         vm.pause().await.map_err(Into::into)
@@ -977,17 +984,6 @@ impl VmManager {
 }
 
 type WatchRx = tokio::sync::watch::Receiver<Option<crate::process::ExitInfo>>;
-
-async fn wait_exit(rx: &mut WatchRx) {
-    loop {
-        if rx.borrow_and_update().is_some() {
-            return;
-        }
-        if rx.changed().await.is_err() {
-            return;
-        }
-    }
-}
 
 /// One running exec: ends it (Busy -> Ready when it was the last) when finished or dropped.
 pub struct ExecGuard {

@@ -4,6 +4,7 @@
 //! group (a terminal's Ctrl-C goes to the runtime, which then shuts boxes down in order), a pidfile
 //! in the box directory (so a later run can clean up after a crash), and output to a log file.
 //! A background task reaps the child and publishes how it ended.
+//! Stopping a helper ends its whole process group, so what it forked goes with it.
 
 use std::fs::File;
 use std::io;
@@ -13,6 +14,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::sync::watch;
+
+/// The descriptor number a socket passed with [`ManagedProcess::spawn_with_fd`] gets in the
+/// child.
+pub const PASSED_FD: i32 = 3;
 
 /// How a helper ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +54,20 @@ impl ManagedProcess {
         log: Option<&Path>,
         pidfile: Option<PathBuf>,
     ) -> io::Result<Self> {
+        Self::spawn_with_fd(name, program, args, log, pidfile, None)
+    }
+
+    /// [`Self::spawn`], handing `fd` to the child as its file descriptor [`PASSED_FD`] (a
+    /// connected socket, so that no listening path is needed).
+    pub fn spawn_with_fd(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log: Option<&Path>,
+        pidfile: Option<PathBuf>,
+        fd: Option<&std::os::fd::OwnedFd>,
+    ) -> io::Result<Self> {
+        let passed = fd.map(std::os::fd::AsRawFd::as_raw_fd);
         let mut cmd = std::process::Command::new(program);
         cmd.args(args).stdin(Stdio::null());
         match log {
@@ -61,7 +80,7 @@ impl ManagedProcess {
             }
         }
         // SAFETY: the closure runs in the child between fork and exec and only calls
-        // async-signal-safe functions (prctl, getppid, setpgid, _exit).
+        // async-signal-safe functions (prctl, getppid, setpgid, dup2, fcntl, _exit).
         unsafe {
             let parent = libc::getpid();
             cmd.pre_exec(move || {
@@ -80,6 +99,18 @@ impl ManagedProcess {
                     libc::_exit(1);
                 }
                 libc::setpgid(0, 0);
+                if let Some(fd) = passed {
+                    // dup2 leaves the copy without FD_CLOEXEC, so it survives the exec; a
+                    // descriptor that already has the number needs the flag cleared instead.
+                    let r = if fd == PASSED_FD {
+                        libc::fcntl(fd, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(fd, PASSED_FD)
+                    };
+                    if r < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
@@ -138,28 +169,20 @@ impl ManagedProcess {
 
     /// Sends `sig` unless the process was already reaped (its pid may have been reused).
     pub fn signal(&self, sig: i32) {
-        if self.is_running() {
-            // SAFETY: kill(2) with a pid of our own unreaped child and a valid signal number.
-            unsafe {
-                libc::kill(self.pid as libc::pid_t, sig);
-            }
+        self.signaller().signal(sig);
+    }
+
+    /// A cloneable handle that can signal this process from another task.
+    pub fn signaller(&self) -> Signaller {
+        Signaller {
+            pid: self.pid,
+            exit: self.exit.clone(),
         }
     }
 
     /// Waits for the process to end.
     pub async fn wait(&self) -> ExitInfo {
-        let mut rx = self.exit.clone();
-        loop {
-            if let Some(i) = rx.borrow_and_update().clone() {
-                return i;
-            }
-            if rx.changed().await.is_err() {
-                return rx.borrow().clone().unwrap_or(ExitInfo {
-                    code: None,
-                    signal: None,
-                });
-            }
-        }
+        wait_exit(&mut self.exit.clone()).await
     }
 
     /// A receiver that sees the exit status once the process ends.
@@ -169,17 +192,33 @@ impl ManagedProcess {
 
     /// SIGTERM, wait up to `grace`, then SIGKILL and wait for the reap. Removes the pidfile.
     pub async fn stop(&self, grace: Duration) -> ExitInfo {
+        let mut info = None;
         if self.is_running() && !grace.is_zero() {
-            self.signal(libc::SIGTERM);
-            if let Ok(i) = tokio::time::timeout(grace, self.wait()).await {
-                self.remove_pidfile();
-                return i;
-            }
+            self.signal_group(libc::SIGTERM);
+            info = tokio::time::timeout(grace, self.wait()).await.ok();
         }
-        self.signal(libc::SIGKILL);
-        let info = self.wait().await;
+        let info = match info {
+            Some(i) => i,
+            None => {
+                self.signal_group(libc::SIGKILL);
+                self.wait().await
+            }
+        };
+        // What it forked (virtiofsd's sandboxed worker) dies by its own parent-death signal, a
+        // moment later: the helper is stopped when none of its process group runs.
+        kill_process_group(self.pid).await;
         self.remove_pidfile();
         info
+    }
+
+    /// Sends `sig` to the helper's whole process group (it leads its own) while it is unreaped.
+    fn signal_group(&self, sig: i32) {
+        if self.exit.borrow().is_none() {
+            // SAFETY: kill(2) of the process group our unreaped child leads, valid signal.
+            unsafe {
+                libc::kill(-(self.pid as libc::pid_t), sig);
+            }
+        }
     }
 
     /// SIGKILL and wait for the reap.
@@ -190,6 +229,40 @@ impl ManagedProcess {
     fn remove_pidfile(&self) {
         if let Some(p) = &self.pidfile {
             let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Waits until an exit watch (see [`ManagedProcess::exit_watch`]) reports the exit.
+pub async fn wait_exit(rx: &mut watch::Receiver<Option<ExitInfo>>) -> ExitInfo {
+    loop {
+        if let Some(i) = rx.borrow_and_update().clone() {
+            return i;
+        }
+        if rx.changed().await.is_err() {
+            return rx.borrow().clone().unwrap_or(ExitInfo {
+                code: None,
+                signal: None,
+            });
+        }
+    }
+}
+
+/// Signals one [`ManagedProcess`] from elsewhere, with the same reuse guard.
+#[derive(Debug, Clone)]
+pub struct Signaller {
+    pid: u32,
+    exit: watch::Receiver<Option<ExitInfo>>,
+}
+
+impl Signaller {
+    /// Sends `sig` unless the process was already reaped.
+    pub fn signal(&self, sig: i32) {
+        if self.exit.borrow().is_none() {
+            // SAFETY: kill(2) with a pid of our own unreaped child and a valid signal number.
+            unsafe {
+                libc::kill(self.pid as libc::pid_t, sig);
+            }
         }
     }
 }
@@ -238,6 +311,82 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The fields of a `/proc/.../stat` file after the command name (state, ppid, pgrp, ...); the
+/// name is in parentheses and may hold anything, so it is skipped from the last `)`.
+fn stat_fields(stat_file: &Path) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(stat_file).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// Whether every thread of `pid` is asleep (state `S`): then none has work it has been woken
+/// for. None if the process is gone.
+pub fn all_threads_asleep(pid: u32) -> Option<bool> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    for t in tasks.flatten() {
+        // A thread whose stat cannot be read has ended.
+        if let Some(f) = stat_fields(&t.path().join("stat")) {
+            if f.first().map(String::as_str) != Some("S") {
+                return Some(false);
+            }
+        }
+    }
+    Some(true)
+}
+
+/// Live (not zombie) processes in process group `pgid`.
+fn process_group_members(pgid: u32) -> Vec<u32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let f = stat_fields(&e.path().join("stat"))?;
+            (f.get(2)?.parse::<u32>().ok()? == pgid && f[0] != "Z").then_some(pid)
+        })
+        .collect()
+}
+
+/// SIGKILLs what runs of process group `pgid` and waits (up to 1 s) until none of it does.
+async fn kill_process_group(pgid: u32) {
+    for _ in 0..100 {
+        let live = process_group_members(pgid);
+        if live.is_empty() {
+            return;
+        }
+        for pid in live {
+            // SAFETY: kill(2) of a process just seen alive in the group our helper led.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until [`all_threads_asleep`] holds in two samples a little apart (a thread may wake
+/// another between samples), or `limit` passes. Returns whether it did.
+pub async fn wait_asleep(pid: u32, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut quiet = 0;
+    loop {
+        match all_threads_asleep(pid) {
+            None => return true, // gone: nothing of it can run
+            Some(true) => quiet += 1,
+            Some(false) => quiet = 0,
+        }
+        if quiet == 2 {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// Finds an executable: `env_var` if set, else `name` in ~/.cargo/bin, /usr/libexec, PATH.
 pub fn find_program(name: &str, env_var: &str) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os(env_var).filter(|v| !v.is_empty()) {
@@ -265,6 +414,51 @@ pub fn find_program(name: &str, env_var: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn stop_ends_what_the_helper_forked_too() {
+        let tmp = tempfile::tempdir().unwrap();
+        for grace in [Duration::ZERO, Duration::from_millis(500)] {
+            // The forked sleep has no parent-death signal: only the group kill ends it.
+            let p = ManagedProcess::spawn(
+                "forker",
+                Path::new("/bin/sh"),
+                &["-c".into(), "sleep 30 & sleep 31; wait".into()],
+                Some(&tmp.path().join("log")),
+                None,
+            )
+            .unwrap();
+            for _ in 0..100 {
+                if process_group_members(p.pid()).len() == 3 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(process_group_members(p.pid()).len(), 3);
+            p.stop(grace).await;
+            assert_eq!(process_group_members(p.pid()), Vec::<u32>::new());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sleeping_process_settles_and_a_spinning_one_does_not() {
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let mut spinner = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .unwrap();
+        assert!(wait_asleep(sleeper.id(), Duration::from_secs(5)).await);
+        assert!(!wait_asleep(spinner.id(), Duration::from_millis(300)).await);
+        assert_eq!(all_threads_asleep(spinner.id()), Some(false));
+        for c in [&mut sleeper, &mut spinner] {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+        assert_eq!(all_threads_asleep(sleeper.id()), None);
+    }
 
     #[tokio::test]
     async fn spawn_stop_and_pidfile() {

@@ -657,9 +657,11 @@ async fn python_grpcio_health_through_the_bridge() {
     let uds = fake_hybrid_vsock(dir.path(), agent.socket.clone()).await;
 
     // The Rust client through the hybrid handshake.
-    let c = AgentClient::connect_hybrid_vsock(&uds, 4088).await.unwrap();
+    let c = AgentClient::connect_hybrid_vsock(&uds, 4088, &Default::default())
+        .await
+        .unwrap();
     assert!(c.health().await.unwrap());
-    let e = AgentClient::connect_hybrid_vsock(&uds, 1234)
+    let e = AgentClient::connect_hybrid_vsock(&uds, 1234, &Default::default())
         .await
         .err()
         .unwrap();
@@ -667,7 +669,9 @@ async fn python_grpcio_health_through_the_bridge() {
 
     // A standard client on the plain bridge socket.
     let bridge_path = dir.path().join("agent.sock");
-    let bridge = serve_bridge(&bridge_path, &uds, 4088).await.unwrap();
+    let bridge = serve_bridge(&bridge_path, &uds, 4088, &Default::default())
+        .await
+        .unwrap();
     let script = r#"
 import sys, grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc

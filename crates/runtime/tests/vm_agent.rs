@@ -30,7 +30,9 @@ async fn agent_in_a_real_vm_through_agent_sock() {
         // An externally booted VM: bridge its hybrid vsock ourselves.
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("agent.sock");
-        let _bridge = serve_bridge(&sock, Path::new(&uds), 4088).await.unwrap();
+        let _bridge = serve_bridge(&sock, Path::new(&uds), 4088, &Default::default())
+            .await
+            .unwrap();
         let c = wait_serving(&sock).await;
         checks(&c, &sock).await;
         if std::env::var_os("MICROBOX_AGENT_TEST_SHUTDOWN").is_some() {
@@ -160,6 +162,18 @@ async fn checks(c: &AgentClient, agent_sock: &Path) {
         String::from_utf8_lossy(&out.stdout),
         format!("{}\n1\n", lines[1]),
         "a second exec joins the same namespace and sees the first one's mount"
+    );
+
+    // Workloads run in the limited workloads cgroup; the agent (PID 1) stays outside it.
+    let out = c
+        .exec_output(spec(&["cat", "/proc/self/cgroup", "/proc/1/cgroup"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "0::/workloads\n0::/\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 
     // A standard Python grpcio health client on the box's plain agent.sock.

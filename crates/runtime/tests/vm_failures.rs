@@ -1,4 +1,5 @@
-//! Failure handling with real VMs: the VMM killed from outside, a boot that times out.
+//! Failure handling with real VMs: the VMM killed from outside, a boot that times out, a
+//! network helper that cannot start.
 
 mod common;
 
@@ -153,4 +154,24 @@ async fn runtime_killed_takes_its_box_along() {
     })
     .await
     .unwrap_or_else(|_| panic!("helpers survived their runtime: {:?}", state.processes));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passt_that_cannot_publish_a_port_fails_the_boot_with_its_own_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let emitter = EventEmitter::default();
+    // The port is taken after the caller's own check would have passed: passt cannot bind it,
+    // exits at once, and the fail-stop kills QEMU. The boot error must name passt, not QEMU.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let mut cfg = busybox_box(tmp.path(), &emitter).config().clone();
+    cfg.network = microbox_core::NetworkMode::Passt;
+    cfg.ports = vec![microbox_core::PortMapping::tcp(port, 80)];
+    let vm = microbox_runtime::VmManager::with_root(cfg, emitter, tmp.path());
+    let err = vm.boot().await.unwrap_err().to_string();
+    assert!(err.contains("passt") && err.contains("passt.log"), "{err}");
+    assert!(err.contains("Failed to bind"), "passt's own words: {err}");
+    assert!(!err.contains("qemu did not come up"), "{err}");
+    assert!(processes_mentioning(&tmp.path().to_string_lossy()).is_empty());
+    vm.destroy().await.unwrap();
 }

@@ -57,12 +57,34 @@ async fn boot_health_exec_stop_leaves_nothing() {
         .unwrap();
     assert_eq!(fail.exit_code, Some(7));
 
-    // Pause and resume through QMP; the VMM reports each, and the box works again after.
+    // Pause and resume through QMP; the VMM reports each. What reaches for the agent meanwhile,
+    // through the runtime or through agent.sock, waits and goes on after the resume (a host event
+    // on the stopped vsock queues would have killed the guest's vsock for good).
     assert_eq!(vm.vmm_status().await.unwrap(), "running");
     vm.pause().await.unwrap();
     assert_eq!(vm.vmm_status().await.unwrap(), "paused");
+    let sock = vm.agent_socket().to_path_buf();
+    let outside = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+        let _ = s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    });
+    let held = vm.exec(ExecRequest::new(["echo", "after the pause"]));
+    tokio::pin!(held);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), &mut held)
+            .await
+            .is_err(),
+        "an exec ran in a paused VM"
+    );
+    outside.join().unwrap();
     vm.resume().await.unwrap();
     assert_eq!(vm.vmm_status().await.unwrap(), "running");
+    let out = tokio::time::timeout(Duration::from_secs(60), held)
+        .await
+        .expect("the exec held over the pause never finished: the guest's vsock is dead")
+        .unwrap();
+    assert_eq!(out.stdout_str(), "after the pause\n");
     assert!(vm.health_check().await.unwrap());
 
     // Streaming: stdin from a reader, output into writers as it arrives.
@@ -80,8 +102,12 @@ async fn boot_health_exec_stop_leaves_nothing() {
     assert_eq!(out, b"STREAMED INPUT");
     assert_eq!(err, b"done\n");
 
+    // A paused box stops as cleanly as a running one: the guest powers itself off.
+    vm.pause().await.unwrap();
     vm.stop(Duration::from_secs(20)).await.unwrap();
     assert_eq!(vm.state(), BoxState::Stopped);
+    let console = std::fs::read_to_string(box_dir.join("console.log")).unwrap();
+    assert!(console.contains("reboot: Power down"), "{console}");
     for p in &procs {
         assert!(gone(p.pid), "{} ({}) survived stop", p.name, p.pid);
     }
@@ -119,7 +145,7 @@ async fn boot_health_exec_stop_leaves_nothing() {
             .iter()
             .filter(|e| matches!(e.event, BoxEvent::ExecFinished { .. }))
             .count(),
-        4
+        5
     );
 
     vm.destroy().await.unwrap();

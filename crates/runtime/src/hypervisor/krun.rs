@@ -46,6 +46,10 @@ pub struct KrunConfig {
     /// connections on the socket (the agent's port); otherwise the guest connects out and
     /// libkrun connects to a host listener there (the ready notification).
     pub vsock_ports: Vec<(u32, PathBuf, bool)>,
+    /// The descriptor (inherited by the shim) of passt's socket: libkrun has no built-in
+    /// user-mode stack, so every box with a network uses passt here.
+    #[serde(default)]
+    pub passt_fd: Option<i32>,
 }
 
 impl KrunConfig {
@@ -56,15 +60,6 @@ impl KrunConfig {
                 spec.vcpus
             ))
         })?;
-        if spec.net.is_some() {
-            // TSI needs libkrunfw's patched kernel and passt is not wired up: refuse rather
-            // than boot a box whose network setup then fails inside.
-            return Err(HypervisorError::InvalidSpec(
-                "the libkrun backend has no user-mode network here (TSI needs libkrunfw's \
-                 kernel, passt is not wired up): use --network none, or MICROBOX_BACKEND=qemu"
-                    .into(),
-            ));
-        }
         if !crate::assets::kernel::is_elf(&spec.kernel) {
             return Err(HypervisorError::InvalidSpec(format!(
                 "libkrun loads only an uncompressed ELF vmlinux, and {} is not one (set \
@@ -95,6 +90,9 @@ impl KrunConfig {
                     false,
                 ),
             ],
+            // TSI (libkrun's socket impersonation) needs libkrunfw's patched guest kernel;
+            // passt works with the stock kernel and the agent's static eth0 setup.
+            passt_fd: spec.net.as_ref().map(|_| crate::process::PASSED_FD),
         })
     }
 }
@@ -112,6 +110,7 @@ type FnAddVsockPort2 = unsafe extern "C" fn(u32, u32, *const c_char, bool) -> i3
 type FnSetKernel =
     unsafe extern "C" fn(u32, *const c_char, u32, *const c_char, *const c_char) -> i32;
 type FnStartEnter = unsafe extern "C" fn(u32) -> i32;
+type FnSetPasstFd = unsafe extern "C" fn(u32, i32) -> i32;
 
 /// The loaded library.
 pub struct Libkrun {
@@ -214,6 +213,11 @@ impl Libkrun {
                     add_port(ctx, *port, p.as_ptr(), *listen),
                 )?;
             }
+            if let Some(fd) = cfg.passt_fd {
+                // Looked up only when needed: boxes without a network work on older libkrun.
+                let set_passt: libloading::Symbol<FnSetPasstFd> = self.sym("krun_set_passt_fd")?;
+                check("krun_set_passt_fd", set_passt(ctx, fd))?;
+            }
             Ok(ctx)
         }
     }
@@ -297,25 +301,43 @@ impl Hypervisor for KrunBackend {
             let cfg_path = spec.box_paths.dir.join("krun.json");
             std::fs::write(&cfg_path, serde_json::to_vec(&cfg).expect("serializable"))?;
             let exe = std::env::current_exe()?;
+            let (helpers, passt_fd) = match &spec.net {
+                Some(net) => {
+                    let (p, fd) = super::passt::spawn(net, &spec.box_paths)?;
+                    (vec![p], Some(fd))
+                }
+                None => (Vec::new(), None),
+            };
             // The child inherits SHIM_ENV through a wrapper: ManagedProcess takes no env, so use
             // /usr/bin/env to set it without touching our own environment.
             let args = vec![
                 format!("{SHIM_ENV}={}", cfg_path.display()),
                 exe.to_string_lossy().into_owned(),
             ];
-            let p = ManagedProcess::spawn(
+            let p = match ManagedProcess::spawn_with_fd(
                 "krun",
                 Path::new("/usr/bin/env"),
                 &args,
                 Some(&spec.box_paths.console_log()),
                 Some(spec.box_paths.pidfile("krun")),
-            )
-            .map_err(|e| HypervisorError::Spawn {
-                what: "libkrun shim".into(),
-                source: e,
-            })?;
+                passt_fd.as_ref(),
+            ) {
+                Ok(p) => p,
+                Err(e) => {
+                    for h in &helpers {
+                        h.kill().await;
+                    }
+                    return Err(HypervisorError::Spawn {
+                        what: "libkrun shim".into(),
+                        source: e,
+                    });
+                }
+            };
+            let cause = super::fail_stop(&p, &helpers);
             Ok(Box::new(KrunVm {
                 vmm: p,
+                helpers,
+                cause,
                 endpoint: krun_agent_socket(spec),
             }) as Box<dyn VmHandle>)
         }
@@ -342,19 +364,18 @@ pub fn check_with(
 
 struct KrunVm {
     vmm: ManagedProcess,
+    /// passt, when the box has a network.
+    helpers: Vec<ManagedProcess>,
+    cause: super::ExitCause,
     endpoint: PathBuf,
 }
 
 impl VmHandle for KrunVm {
     fn processes(&self) -> Vec<VmProcess> {
-        if self.vmm.is_running() {
-            vec![VmProcess {
-                name: "krun".into(),
-                pid: self.vmm.pid(),
-            }]
-        } else {
-            Vec::new()
-        }
+        super::running_processes(std::iter::once(&self.vmm).chain(self.helpers.iter()))
+    }
+    fn exit_cause(&self) -> Option<String> {
+        self.cause.get()
     }
     fn vmm_exit(&self) -> watch::Receiver<Option<ExitInfo>> {
         self.vmm.exit_watch()
@@ -411,6 +432,9 @@ impl VmHandle for KrunVm {
     fn terminate(&self, grace: Duration) -> BoxFuture<'_, ()> {
         async move {
             self.vmm.stop(grace).await;
+            for h in &self.helpers {
+                h.stop(Duration::from_millis(500)).await;
+            }
         }
         .boxed()
     }
@@ -478,11 +502,13 @@ mod tests {
             ]
         );
         assert!(c.cmdline.ends_with("a=b"));
-        // No user-mode network, and no bzImage: said before anything starts.
+        assert_eq!(c.passt_fd, None);
+        // A network is passt's, on the descriptor the shim inherits.
         let mut with_net = spec();
-        with_net.net = Some(crate::hypervisor::UserNet { forwards: vec![] });
-        let e = KrunConfig::from_spec(&with_net).unwrap_err().to_string();
-        assert!(e.contains("--network none"), "{e}");
+        with_net.net = Some(crate::hypervisor::UserNet::default());
+        let c = KrunConfig::from_spec(&with_net).unwrap();
+        assert_eq!(c.passt_fd, Some(crate::process::PASSED_FD));
+        // No bzImage: said before anything starts.
         let mut bz = spec();
         bz.kernel = "/nonexistent/vmlinuz".into();
         let e = KrunConfig::from_spec(&bz).unwrap_err().to_string();

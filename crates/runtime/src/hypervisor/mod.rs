@@ -4,10 +4,12 @@
 //! libkrun are named only in their modules.
 
 pub mod krun;
+pub mod passt;
 pub mod qemu;
 pub mod qmp;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -15,7 +17,7 @@ use tokio::sync::watch;
 
 use crate::accel::{Accel, AccelDecision};
 use crate::paths::BoxPaths;
-use crate::process::ExitInfo;
+use crate::process::{ExitInfo, ManagedProcess};
 
 /// Why a backend could not be used or a VM could not be controlled.
 #[derive(Debug, thiserror::Error)]
@@ -56,11 +58,23 @@ pub struct Share {
     pub immutable: bool,
 }
 
-/// A user-mode NIC with forwarded host ports.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Which user-mode network stack backs a box's NIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NetStack {
+    /// QEMU's built-in slirp.
+    #[default]
+    Slirp,
+    /// passt, a separate sandboxed process, connected to QEMU over a socket pair.
+    Passt,
+}
+
+/// A user-mode NIC with forwarded host ports. The guest side is the same for every stack:
+/// 10.0.2.15/24, gateway 10.0.2.2 (reaches the host's loopback), DNS 10.0.2.3.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UserNet {
     /// (protocol "tcp"/"udp", host ip, host port, guest port)
     pub forwards: Vec<(String, std::net::IpAddr, u16, u16)>,
+    pub stack: NetStack,
 }
 
 /// Everything a backend needs to start one VM.
@@ -84,7 +98,12 @@ pub struct VmSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentEndpoint {
     /// Firecracker-style hybrid vsock: connect to `uds`, send `CONNECT <port>\n`, read `OK ..`.
-    HybridVsock { uds: PathBuf, port: u32 },
+    /// All host-side I/O on `uds` passes `gate`, which the backend closes while the VM is paused.
+    HybridVsock {
+        uds: PathBuf,
+        port: u32,
+        gate: crate::vsock_gate::IoGate,
+    },
     /// A plain Unix socket that is already the guest port (libkrun's port mapping).
     Unix(PathBuf),
 }
@@ -109,6 +128,10 @@ pub trait VmHandle: Send + Sync {
     /// notification before it connects.
     fn ready_notification(&self) -> bool {
         false
+    }
+    /// Why the VMM was stopped by microbox itself, when it was (see [`fail_stop`]).
+    fn exit_cause(&self) -> Option<String> {
+        None
     }
     /// Asks the guest to power off (ACPI power button).
     fn powerdown(&self) -> BoxFuture<'_, Result<(), HypervisorError>>;
@@ -147,8 +170,8 @@ pub trait Hypervisor: Send + Sync {
 }
 
 /// Which backend to use: `MICROBOX_BACKEND` beats the config; auto picks libkrun only when it
-/// is installed, KVM is usable (it has no software emulation) and the box needs no user-mode
-/// network (libkrun has none here), QEMU otherwise.
+/// is installed, KVM is usable (it has no software emulation) and, for a box with a network,
+/// passt is installed (libkrun has no built-in stack), QEMU otherwise.
 pub fn select_backend(
     choice: microbox_core::BackendChoice,
     accel: &AccelDecision,
@@ -173,13 +196,95 @@ pub fn select_backend(
         BackendChoice::Krun => Ok(Box::new(krun::KrunBackend::new())),
         BackendChoice::Auto => {
             let krun = krun::KrunBackend::new();
-            if !needs_user_net && accel.accel == Accel::Kvm && krun.check(Accel::Kvm).is_ok() {
+            // libkrun's network is passt: without it, a networked box stays on QEMU (slirp).
+            let net_ok = !needs_user_net || passt::program().is_ok();
+            if net_ok && accel.accel == Accel::Kvm && krun.check(Accel::Kvm).is_ok() {
                 Ok(Box::new(krun))
             } else {
                 Ok(Box::new(qemu::QemuBackend::new()))
             }
         }
     }
+}
+
+/// The running ones of a VM's processes, VMM first (for [`VmHandle::processes`]).
+pub(crate) fn running_processes<'a>(
+    all: impl Iterator<Item = &'a ManagedProcess>,
+) -> Vec<VmProcess> {
+    all.filter(|p| p.is_running())
+        .map(|p| VmProcess {
+            name: p.name().to_string(),
+            pid: p.pid(),
+        })
+        .collect()
+}
+
+/// What a box loses when a helper ends.
+fn helper_role(name: &str) -> &'static str {
+    if name.starts_with("virtiofsd") {
+        "a shared filesystem"
+    } else if name == passt::NAME {
+        "its network"
+    } else if name.contains("vsock") {
+        "the channel to its agent"
+    } else {
+        "a device"
+    }
+}
+
+/// Why microbox itself ended a VMM, once it has (shared with the [`fail_stop`] task).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ExitCause(Arc<std::sync::Mutex<Option<String>>>);
+
+impl ExitCause {
+    pub(crate) fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, why: String) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+}
+
+/// Fail-stop: when a helper (virtiofsd, vhost-device-vsock, passt) ends while the VMM runs,
+/// the guest has lost a filesystem, its agent channel or its network and would linger half
+/// broken, so the VMM is killed and the box ends Stopped with the reason. Returns where the
+/// reason is kept (read by [`VmHandle::exit_cause`]). A VMM that ends first ends the watch.
+pub(crate) fn fail_stop(vmm: &ManagedProcess, helpers: &[ManagedProcess]) -> ExitCause {
+    let cause = ExitCause::default();
+    if helpers.is_empty() {
+        return cause;
+    }
+    let mut vmm_exit = vmm.exit_watch();
+    let vmm_signal = vmm.signaller();
+    let helper_exits: Vec<_> = helpers
+        .iter()
+        .map(|h| {
+            let (name, mut rx) = (h.name().to_string(), h.exit_watch());
+            Box::pin(async move {
+                let info = crate::process::wait_exit(&mut rx).await;
+                (name, info)
+            })
+        })
+        .collect();
+    let out = cause.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = crate::process::wait_exit(&mut vmm_exit) => {}
+            ((name, info), _, _) = futures::future::select_all(helper_exits) => {
+                if vmm_exit.borrow().is_none() {
+                    let why = format!(
+                        "{name} exited ({info}), so the box lost {}; microbox stopped the VM",
+                        helper_role(&name)
+                    );
+                    tracing::warn!(%why, "helper died");
+                    out.set(why);
+                    vmm_signal.signal(libc::SIGKILL);
+                }
+            }
+        }
+    });
+    cause
 }
 
 /// Waits until `path` exists (a helper's listening socket) or the helper exits.
@@ -220,4 +325,46 @@ pub fn tail_of(path: &std::path::Path, n: usize) -> String {
     let text = String::from_utf8_lossy(&text);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sleeper(name: &str, secs: &str) -> ManagedProcess {
+        ManagedProcess::spawn(
+            name,
+            std::path::Path::new("/bin/sleep"),
+            &[secs.to_string()],
+            None,
+            None,
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_dying_helper_stops_the_vmm_with_the_reason() {
+        let vmm = sleeper("qemu", "30");
+        let helpers = vec![sleeper("virtiofsd-rootfs", "30"), sleeper("passt", "0.1")];
+        let cause = fail_stop(&vmm, &helpers);
+        let info = tokio::time::timeout(Duration::from_secs(10), vmm.wait())
+            .await
+            .expect("the VMM is killed when passt ends");
+        assert_eq!(info.signal, Some(libc::SIGKILL));
+        let why = cause.get().unwrap();
+        assert!(why.contains("passt exited (exit code 0)"), "{why}");
+        assert!(why.contains("its network"), "{why}");
+        helpers[0].kill().await;
+    }
+
+    #[tokio::test]
+    async fn a_vmm_that_ends_first_leaves_its_helpers_alone() {
+        let vmm = sleeper("qemu", "0.1");
+        let helpers = vec![sleeper("passt", "30")];
+        let cause = fail_stop(&vmm, &helpers);
+        vmm.wait().await;
+        helpers[0].kill().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(cause.get().is_none());
+    }
 }

@@ -16,14 +16,19 @@ use tokio::sync::{watch, Mutex};
 
 use super::qmp::Qmp;
 use super::{
-    wait_for_socket, AgentEndpoint, Hypervisor, HypervisorError, VmHandle, VmProcess, VmSpec,
+    wait_for_socket, AgentEndpoint, Hypervisor, HypervisorError, NetStack, VmHandle, VmProcess,
+    VmSpec,
 };
 use crate::accel::{host_tsc_khz, Accel};
-use crate::process::{find_program, ExitInfo, ManagedProcess};
+use crate::process::{find_program, wait_asleep, ExitInfo, ManagedProcess, PASSED_FD};
+use crate::vsock_gate::IoGate;
 
 /// Guest context id of every box (each box has its own vsock device, so they never clash).
 pub const GUEST_CID: u32 = 3;
 const HELPER_START_TIMEOUT: Duration = Duration::from_secs(10);
+const VSOCK_DEVICE: &str = "vhost-device-vsock";
+/// How long a pause waits for the vsock device to go idle.
+const VSOCK_SETTLE_LIMIT: Duration = Duration::from_secs(2);
 /// The guest can write to its serial console without end; past this size the host's copy is
 /// cut back to empty (QEMU appends, so it goes on writing at the new end).
 const CONSOLE_LOG_MAX: u64 = 16 << 20;
@@ -56,7 +61,7 @@ impl QemuBackend {
     }
 
     fn vsock_device() -> Result<PathBuf, HypervisorError> {
-        find_program("vhost-device-vsock", "MICROBOX_VHOST_VSOCK").ok_or_else(|| {
+        find_program(VSOCK_DEVICE, "MICROBOX_VHOST_VSOCK").ok_or_else(|| {
             HypervisorError::VsockDeviceMissing(
                 "vhost-device-vsock is not in PATH or ~/.cargo/bin (`cargo install vhost-device-vsock` or set MICROBOX_VHOST_VSOCK)"
                     .into(),
@@ -158,10 +163,17 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
     push(&["-device", "vhost-user-vsock-device,chardev=vsock"]);
     push(&["-device", "virtio-balloon-device,free-page-reporting=on"]);
     if let Some(net) = &spec.net {
-        let mut nd = String::from("user,id=net0");
-        for (proto, ip, hp, gp) in &net.forwards {
-            nd.push_str(&format!(",hostfwd={proto}:{ip}:{hp}-:{gp}"));
-        }
+        let nd = match net.stack {
+            NetStack::Slirp => {
+                let mut nd = String::from("user,id=net0");
+                for (proto, ip, hp, gp) in &net.forwards {
+                    nd.push_str(&format!(",hostfwd={proto}:{ip}:{hp}-:{gp}"));
+                }
+                nd
+            }
+            // passt's end of a socket pair, handed to QEMU as this descriptor.
+            NetStack::Passt => format!("stream,id=net0,addr.type=fd,addr.str={PASSED_FD}"),
+        };
         push(&["-netdev", &nd, "-device", "virtio-net-device,netdev=net0"]);
     }
     push(&[
@@ -176,8 +188,8 @@ fn check_spec(spec: &VmSpec) -> Result<(), HypervisorError> {
     for (proto, ip, hp, gp) in spec.net.iter().flat_map(|n| n.forwards.iter()) {
         if ip.is_ipv6() {
             return Err(HypervisorError::InvalidSpec(format!(
-                "published port [{ip}]:{hp}:{gp}/{proto}: QEMU's user-mode network forwards \
-                 only IPv4 host addresses (use 127.0.0.1 or 0.0.0.0)"
+                "published port [{ip}]:{hp}:{gp}/{proto}: the box's network is IPv4 only and \
+                 QEMU 7.2's slirp cannot forward IPv6 host addresses (use 127.0.0.1 or 0.0.0.0)"
             )));
         }
     }
@@ -229,6 +241,8 @@ impl Hypervisor for QemuBackend {
                 helpers: Vec::new(),
                 qemu: None,
                 qmp: Mutex::new(None),
+                cause: Default::default(),
+                vsock_gate: IoGate::default(),
                 spec: spec.clone(),
             };
             match vm.start().await {
@@ -249,6 +263,10 @@ pub struct QemuVm {
     helpers: Vec<ManagedProcess>,
     qemu: Option<ManagedProcess>,
     qmp: Mutex<Option<Qmp>>,
+    /// Set when microbox killed QEMU because a helper died.
+    cause: super::ExitCause,
+    /// Closed while the VM is paused (see [`crate::vsock_gate`]).
+    vsock_gate: IoGate,
     spec: VmSpec,
 }
 
@@ -300,12 +318,12 @@ impl QemuVm {
             self.helpers.push(p);
             waits.push((sock, self.helpers.len() - 1, log));
         }
+        // vhost-device-vsock: the guest's vsock, and agent.sock's far end.
         {
-            let dev = vsock_dev;
             let sock = bp.vhost_vsock_socket();
             let _ = std::fs::remove_file(&sock);
             let _ = std::fs::remove_file(bp.vsock_uds());
-            let log = bp.dir.join("vhost-device-vsock.log");
+            let log = bp.dir.join(format!("{VSOCK_DEVICE}.log"));
             let args = vec![
                 "--vm".to_string(),
                 format!(
@@ -315,19 +333,27 @@ impl QemuVm {
                 ),
             ];
             let p = ManagedProcess::spawn(
-                "vhost-device-vsock",
-                &dev,
+                VSOCK_DEVICE,
+                &vsock_dev,
                 &args,
                 Some(&log),
-                Some(bp.pidfile("vhost-device-vsock")),
+                Some(bp.pidfile(VSOCK_DEVICE)),
             )
             .map_err(|e| HypervisorError::Spawn {
-                what: "vhost-device-vsock".into(),
+                what: VSOCK_DEVICE.into(),
                 source: e,
             })?;
             self.helpers.push(p);
             waits.push((sock, self.helpers.len() - 1, log));
         }
+        let qemu_net_fd = match self.spec.net.as_ref() {
+            Some(net) if net.stack == NetStack::Passt => {
+                let (p, fd) = super::passt::spawn(net, &bp)?;
+                self.helpers.push(p);
+                Some(fd)
+            }
+            _ => None,
+        };
         for (sock, idx, log) in &waits {
             wait_for_socket(sock, &self.helpers[*idx], log, HELPER_START_TIMEOUT).await?;
         }
@@ -341,12 +367,13 @@ impl QemuVm {
         let args = qemu_args(&self.spec, tsc);
         let log = bp.dir.join("qemu.log");
         tracing::debug!(args = ?args, "starting qemu");
-        let q = ManagedProcess::spawn(
+        let q = ManagedProcess::spawn_with_fd(
             "qemu",
             &qemu_bin,
             &args,
             Some(&log),
             Some(bp.pidfile("qemu")),
+            qemu_net_fd.as_ref(),
         )
         .map_err(|e| HypervisorError::Spawn {
             what: "qemu-system-x86_64".into(),
@@ -355,7 +382,16 @@ impl QemuVm {
         self.qemu = Some(q);
         let q = self.qemu.as_ref().expect("just set");
         tokio::spawn(bound_console_log(bp.console_log(), q.exit_watch()));
-        wait_for_socket(&bp.qmp_socket(), q, &log, HELPER_START_TIMEOUT).await?;
+        self.cause = super::fail_stop(q, &self.helpers);
+        let qmp_up = wait_for_socket(&bp.qmp_socket(), q, &log, HELPER_START_TIMEOUT).await;
+        // passt binds the published ports first thing and exits when it cannot (a port taken
+        // since microbox checked it); by now it has done so, so say why instead of booting on.
+        // Checked before QEMU's own result: a passt that dies at once gets QEMU killed by the
+        // fail-stop, and then passt's reason is the one worth reporting.
+        if let Some(passt) = self.helper(super::passt::NAME) {
+            super::passt::check_running(passt, &bp)?;
+        }
+        qmp_up?;
         Ok(())
     }
 
@@ -374,6 +410,23 @@ impl QemuVm {
             *guard = None;
         }
         r
+    }
+
+    fn helper(&self, name: &str) -> Option<&ManagedProcess> {
+        self.helpers.iter().find(|h| h.name() == name)
+    }
+
+    /// Waits until the vsock device has handled everything it was woken for (host I/O, QEMU's
+    /// vhost-user messages): every one of its threads asleep.
+    async fn vsock_device_settled(&self, doing: &str) {
+        let Some(dev) = self.helper(VSOCK_DEVICE) else {
+            return;
+        };
+        if !wait_asleep(dev.pid(), VSOCK_SETTLE_LIMIT).await {
+            tracing::warn!(
+                "{VSOCK_DEVICE} was still busy after {VSOCK_SETTLE_LIMIT:?}; {doing} anyway"
+            );
+        }
     }
 
     async fn terminate_all(&self, grace: Duration) {
@@ -466,15 +519,11 @@ impl QemuVm {
 
 impl VmHandle for QemuVm {
     fn processes(&self) -> Vec<VmProcess> {
-        self.qemu
-            .iter()
-            .chain(self.helpers.iter())
-            .filter(|p| p.is_running())
-            .map(|p| VmProcess {
-                name: p.name().to_string(),
-                pid: p.pid(),
-            })
-            .collect()
+        super::running_processes(self.qemu.iter().chain(self.helpers.iter()))
+    }
+
+    fn exit_cause(&self) -> Option<String> {
+        self.cause.get()
     }
 
     fn vmm_exit(&self) -> watch::Receiver<Option<ExitInfo>> {
@@ -494,6 +543,7 @@ impl VmHandle for QemuVm {
         AgentEndpoint::HybridVsock {
             uds: self.spec.box_paths.vsock_uds(),
             port: self.spec.agent_port,
+            gate: self.vsock_gate.clone(),
         }
     }
 
@@ -507,11 +557,30 @@ impl VmHandle for QemuVm {
     }
 
     fn pause(&self) -> BoxFuture<'_, Result<(), HypervisorError>> {
-        async move { self.qmp_execute("stop", None).await.map(drop) }.boxed()
+        async move {
+            // The vsock device must see no host-side event once its queues are stopped (see
+            // crate::vsock_gate): hold our I/O, let it finish what it was woken for, then stop.
+            self.vsock_gate.close();
+            self.vsock_device_settled("pausing").await;
+            let r = self.qmp_execute("stop", None).await.map(drop);
+            if r.is_err() {
+                self.vsock_gate.open();
+            }
+            r
+        }
+        .boxed()
     }
 
     fn resume(&self) -> BoxFuture<'_, Result<(), HypervisorError>> {
-        async move { self.qmp_execute("cont", None).await.map(drop) }.boxed()
+        async move {
+            // `cont` returns once QEMU has sent the messages that restart the device's queues,
+            // not once the device has handled them: wait for that before letting our I/O go.
+            self.qmp_execute("cont", None).await?;
+            self.vsock_device_settled("resuming").await;
+            self.vsock_gate.open();
+            Ok(())
+        }
+        .boxed()
     }
 
     fn vmm_status(&self) -> BoxFuture<'_, Result<String, HypervisorError>> {
@@ -578,6 +647,7 @@ mod tests {
             }],
             net: Some(UserNet {
                 forwards: vec![("tcp".into(), "127.0.0.1".parse().unwrap(), 8080, 80)],
+                stack: NetStack::Slirp,
             }),
             agent_port: 4088,
         }
@@ -600,7 +670,17 @@ mod tests {
         let mut v6 = spec();
         v6.net = Some(UserNet {
             forwards: vec![("tcp".into(), "::1".parse().unwrap(), 8080, 80)],
+            stack: NetStack::Slirp,
         });
+        // passt: the socket pair's end as the netdev, ports as passt arguments.
+        let mut p = spec();
+        p.net.as_mut().unwrap().stack = NetStack::Passt;
+        let a = qemu_args(&p, None).join(" ");
+        assert!(
+            a.contains("-netdev stream,id=net0,addr.type=fd,addr.str=3"),
+            "{a}"
+        );
+        assert!(!a.contains("hostfwd"));
         let e = check_spec(&v6).unwrap_err().to_string();
         assert!(e.contains("::1") && e.contains("IPv4"), "{e}");
         assert!(check_spec(&spec()).is_ok());
