@@ -390,6 +390,8 @@ pub struct RunArgs {
     /// [IP:]HOST:GUEST[/tcp|udp] published port.
     #[arg(short, long = "publish")]
     pub publish: Vec<String>,
+    /// user (QEMU's built-in user-mode stack), passt (a separate sandboxed passt process) or
+    /// none (loopback only).
     #[arg(long, default_value = "user")]
     pub network: String,
     #[arg(long)]

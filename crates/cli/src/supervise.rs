@@ -165,6 +165,17 @@ async fn run_box(ctx: &Ctx, store: &BoxStore, id: &BoxId, emitter: &EventEmitter
         why = wait_vm_stopped(&vm) => (format!("the VM stopped: {why}"), None),
         _ = client_gone => ("its attached CLI went away".to_string(), None),
     };
+    // The main process's stream breaks when the VM dies; the runtime's watcher says why the
+    // VM died a moment later, and that is the reason worth keeping.
+    // (127/126 are the agent's own answers: the VM is fine then.)
+    let reason = if reason.starts_with("main process failed") && exit_code == Some(125) {
+        match tokio::time::timeout(Duration::from_secs(2), wait_vm_stopped(&vm)).await {
+            Ok(why) => format!("the VM stopped: {why}"),
+            Err(_) => reason,
+        }
+    } else {
+        reason
+    };
     // Read now: `stop -t N` writes it just before it signals us.
     let stop_timeout = Duration::from_secs(rec_stop_timeout(store, id));
     // Keep the exit code an attached CLI recorded, if any.

@@ -1,7 +1,7 @@
 //! Commands that read and manage box records: ps, inspect, logs, wait, rm.
 
 use std::io::Write;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use microbox_core::BoxState;
@@ -165,10 +165,23 @@ pub fn logs(
 
 /// Blocks until the box is stopped; returns its record.
 pub fn wait_stopped(store: &BoxStore, rec: &BoxRecord) -> Result<BoxRecord> {
+    Ok(stopped_within(store, rec, None)?.expect("waited without a limit"))
+}
+
+/// Waits until the box is stopped, or `limit` has passed (then `None`); returns its record.
+pub fn stopped_within(
+    store: &BoxStore,
+    rec: &BoxRecord,
+    limit: Option<Duration>,
+) -> Result<Option<BoxRecord>> {
+    let deadline = limit.map(|l| Instant::now() + l);
     loop {
         let r = store.observe(store.load(&rec.id)?);
         if r.state == BoxState::Stopped {
-            return Ok(r);
+            return Ok(Some(r));
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(None);
         }
         std::thread::sleep(Duration::from_millis(100));
     }

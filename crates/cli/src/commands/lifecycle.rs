@@ -430,9 +430,8 @@ pub fn exec(ctx: &Ctx, args: ExecArgs) -> Result<()> {
 fn describe_agent_error(rec: &BoxRecord, e: &anyhow::Error) -> String {
     let unreachable = e.chain().any(|c| {
         c.downcast_ref::<AgentClientError>()
-            .and_then(AgentClientError::code)
-            .is_some_and(|code| matches!(code, tonic::Code::Unknown | tonic::Code::Unavailable))
-    }) && format!("{e:#}").contains("transport error");
+            .is_some_and(AgentClientError::is_connection_lost)
+    });
     if unreachable {
         format!(
             "box '{}' does not answer: its agent could not be reached ({e:#}); \
@@ -512,6 +511,9 @@ pub fn stop(ctx: &Ctx, keys: &[String], secs: u64) -> Result<()> {
     Ok(())
 }
 
+/// How long `kill` waits for the box to end when the signal's answer was lost with the VM.
+const KILL_END_WAIT: Duration = Duration::from_secs(10);
+
 pub fn kill(ctx: &Ctx, keys: &[String], signal: &str) -> Result<()> {
     let sig = parse_signal(signal)?;
     let store = ctx.boxes()?;
@@ -530,10 +532,21 @@ pub fn kill(ctx: &Ctx, keys: &[String], signal: &str) -> Result<()> {
             let pid = rec.main_pid.ok_or_else(|| {
                 UserError::new(format!("box '{}' has no main process to signal", rec.name))
             })?;
-            ctx.tokio()?.block_on(async {
+            let sent = ctx.tokio()?.block_on(async {
                 let c = AgentClient::connect_unix(&sock).await?;
-                c.signal(pid, sig, false).await.map_err(anyhow::Error::from)
-            })?;
+                c.signal(pid, sig, false).await
+            });
+            match sent {
+                Ok(()) => {}
+                // The signal can end the main process, and with it the VM, before the agent's
+                // answer leaves the guest: a lost connection followed by the box ending is a
+                // delivered signal.
+                Err(e)
+                    if e.is_connection_lost()
+                        && super::boxes::stopped_within(&store, &rec, Some(KILL_END_WAIT))
+                            .is_ok_and(|r| r.is_some()) => {}
+                Err(e) => return Err(UserError::new(describe_agent_error(&rec, &e.into())).into()),
+            }
         }
         println!("{}", rec.name);
     }
@@ -688,12 +701,14 @@ fn box_config(root: &Path, args: &RunArgs) -> Result<BoxConfig> {
     c.hostname = args.hostname.clone();
     c.boot_timeout = Duration::from_secs(args.boot_timeout);
     c.network = match args.network.as_str() {
-        "user" | "default" | "bridge" => NetworkMode::User,
+        "user" | "default" | "bridge" | "slirp" => NetworkMode::User,
+        "passt" => NetworkMode::Passt,
         "none" => NetworkMode::None,
         other => {
-            return Err(
-                UserError::new(format!("unknown network '{other}': use user or none")).into(),
-            )
+            return Err(UserError::new(format!(
+                "unknown network '{other}': use user (QEMU's slirp), passt or none"
+            ))
+            .into())
         }
     };
     for v in &args.volume {

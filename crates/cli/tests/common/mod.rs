@@ -75,3 +75,17 @@ pub fn processes_mentioning(dir: &Path) -> Vec<u32> {
         })
         .collect()
 }
+
+/// Calls `probe` every 100 ms, at most `tries` times, until `done` accepts its value; returns
+/// the last value (for the caller's assertion).
+pub fn poll_until<T>(tries: usize, mut probe: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
+    let mut v = probe();
+    for _ in 1..tries {
+        if done(&v) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        v = probe();
+    }
+    v
+}
