@@ -1,6 +1,5 @@
-//! Verification against real SEV-SNP reports from ../shared/testdata/sev (or
-//! MICROBOX_SEV_TESTDATA). The vectors are not part of the repository; without them these
-//! tests print that they are absent and return.
+//! Verification against real SEV-SNP reports and certificates from public projects, kept in
+//! tests/data/sev (see its PROVENANCE.md; MICROBOX_SEV_TESTDATA points elsewhere).
 
 use microbox_attest::vek::{build_cert_table, cache_store, TableCertType};
 use microbox_attest::{
@@ -10,7 +9,7 @@ use microbox_attest::{
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-fn vectors() -> Option<PathBuf> {
+fn vectors() -> PathBuf {
     microbox_testsupport::sev_vectors()
 }
 
@@ -49,7 +48,7 @@ fn status(r: &microbox_attest::Report, id: &str) -> Status {
 
 #[test]
 fn plain_milan_report_verifies() {
-    let Some(d) = vectors() else { return };
+    let d = vectors();
     let r = run(
         &d,
         "milan-report.bin",
@@ -83,7 +82,7 @@ fn plain_milan_report_verifies() {
 
 #[test]
 fn flipping_any_signed_byte_fails() {
-    let Some(d) = vectors() else { return };
+    let d = vectors();
     let raw = read(&d, "milan-report.bin");
     let vcek = read(&d, "milan-vcek.der");
     let good = SnpReport::from_bytes(&raw).unwrap();
@@ -126,7 +125,7 @@ fn flipping_any_signed_byte_fails() {
 
 #[test]
 fn debug_report_needs_a_policy_allowing_debug() {
-    let Some(d) = vectors() else { return };
+    let d = vectors();
     let strict = run(
         &d,
         "milan-debug-report.bin",
@@ -151,7 +150,7 @@ fn debug_report_needs_a_policy_allowing_debug() {
 
 #[test]
 fn tcb_report_verifies_against_reported_not_current_tcb() {
-    let Some(d) = vectors() else { return };
+    let d = vectors();
     let raw = read(&d, "milan-tcb-report.bin");
     let rep = SnpReport::from_bytes(&raw).unwrap();
     let (current, reported) = (
@@ -186,7 +185,7 @@ fn tcb_report_verifies_against_reported_not_current_tcb() {
 
 #[test]
 fn vlek_report_valid_before_expiry_and_not_after() {
-    let Some(d) = vectors() else { return };
+    let d = vectors();
     // The VLEK report was requested at VMPL 1.
     let policy = Policy::from_toml("allowed_vmpls = [0, 1]").unwrap();
     let asvk = ["milan-asvk.pem", "milan-asvk.der"]
@@ -233,7 +232,7 @@ fn vlek_report_valid_before_expiry_and_not_after() {
 
 #[test]
 fn wrong_nonce_fails_freshness() {
-    let Some(d) = vectors() else { return };
+    let d = vectors();
     let policy = Policy::from_toml("allow_debug = true").unwrap();
     let fresh = Freshness {
         nonce: b"not the nonce".to_vec(),
@@ -262,7 +261,7 @@ fn wrong_nonce_fails_freshness() {
 
 #[test]
 fn policy_measurement_and_host_data_are_enforced() {
-    let Some(d) = vectors() else { return };
+    let d = vectors();
     let raw = read(&d, "milan-report.bin");
     let rep = SnpReport::from_bytes(&raw).unwrap();
     let good = Policy::from_toml(&format!(
@@ -303,7 +302,7 @@ fn policy_measurement_and_host_data_are_enforced() {
 
 #[test]
 fn wrong_vcek_fails() {
-    let Some(d) = vectors() else { return };
+    let d = vectors();
     // Genuine VCEK of another chip: chain is fine, signature and hwID are not.
     let r = run(
         &d,
@@ -320,7 +319,7 @@ fn wrong_vcek_fails() {
 
 #[test]
 fn cert_table_source_and_pinned_ark() {
-    let Some(d) = vectors() else { return };
+    let d = vectors();
     let raw = read(&d, "milan-report.bin");
     let vcek = read(&d, "milan-vcek.der");
     let milan_ark = include_bytes!("../certs/milan/ark.pem");
@@ -358,7 +357,7 @@ fn cert_table_source_and_pinned_ark() {
 
 #[test]
 fn offline_cache_source() {
-    let Some(d) = vectors() else { return };
+    let d = vectors();
     let raw = read(&d, "milan-report.bin");
     let rep = SnpReport::from_bytes(&raw).unwrap();
     let cache = tempfile::tempdir().unwrap();
@@ -391,7 +390,7 @@ fn offline_cache_source() {
 
 #[test]
 fn turin_vcek_chains_to_pinned_turin_root() {
-    let Some(d) = vectors() else { return };
+    let d = vectors();
     let vcek = read(&d, "turin-vcek.der");
     let (kind, ext) = verify_vek_chain(&vcek, Product::Turin, None).unwrap();
     assert_eq!(kind, VekKind::Vcek);
@@ -403,7 +402,7 @@ fn turin_vcek_chains_to_pinned_turin_root() {
 
 #[test]
 fn truncated_and_garbage_reports_are_rejected() {
-    let Some(d) = vectors() else { return };
+    let d = vectors();
     let raw = read(&d, "milan-report.bin");
     for bad in [&raw[..100], &[][..], &vec![0xffu8; 1184][..]] {
         let r = verify(&VerifyRequest {
@@ -420,7 +419,7 @@ fn truncated_and_garbage_reports_are_rejected() {
 
 #[test]
 fn cli_style_inputs() {
-    let Some(d) = vectors() else { return };
+    let d = vectors();
     let tmp = tempfile::tempdir().unwrap();
     let policy = tmp.path().join("policy.toml");
     std::fs::write(
@@ -487,7 +486,7 @@ fn cli_style_inputs() {
 
 #[test]
 fn report_versions_and_garbage_certificates() {
-    let Some(d) = vectors() else { return };
+    let d = vectors();
     let mut raw = read(&d, "milan-vlek-report.bin");
     for v in [3u32, 4, 5] {
         raw[..4].copy_from_slice(&v.to_le_bytes());

@@ -580,7 +580,7 @@ fn run_it_gives_a_real_terminal_with_the_window_size() {
 
 #[test]
 fn attest_verify_prints_each_check_and_exits_by_verdict() {
-    let Some(d) = ts::sev_vectors() else { return };
+    let d = ts::sev_vectors();
     let env = Env::new();
     let p = |n: &str| d.join(n).display().to_string();
     let (report, vcek) = (p("milan-report.bin"), p("milan-vcek.der"));

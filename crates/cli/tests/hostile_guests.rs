@@ -32,9 +32,10 @@ fn bounded(env: &Env, args: &[&str], limit: Duration) -> Output {
     }
     let out = child.wait_with_output().unwrap();
     eprintln!(
-        "$ microbox {} -> {:?}\n{}{}",
+        "$ microbox {} -> {:?} in {:?}\n{}{}",
         args.join(" "),
         out.status.code(),
+        start.elapsed(),
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );

@@ -242,24 +242,20 @@ fn kill_children(pid: Option<u32>) {
     }
 }
 
-/// The real SEV-SNP test vectors (`../shared/testdata/sev` beside the workspace, or
-/// `MICROBOX_SEV_TESTDATA`). They are not part of the repository: without them this says so
-/// and returns `None`, and the tests that need them return.
-pub fn sev_vectors() -> Option<PathBuf> {
+/// The real SEV-SNP test vectors: `crates/attest/tests/data/sev` (public reports and
+/// certificates, see its PROVENANCE.md), or `MICROBOX_SEV_TESTDATA` to try others.
+pub fn sev_vectors() -> PathBuf {
     let dir = std::env::var_os("MICROBOX_SEV_TESTDATA")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata/sev")
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../attest/tests/data/sev")
         });
-    if dir.join("milan-report.bin").is_file() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "SEV test vectors are ABSENT at {} (set MICROBOX_SEV_TESTDATA); skipping this test",
-            dir.display()
-        );
-        None
-    }
+    assert!(
+        dir.join("milan-report.bin").is_file(),
+        "SEV test vectors missing: no milan-report.bin in {}",
+        dir.display()
+    );
+    dir
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
