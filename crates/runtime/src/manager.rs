@@ -891,24 +891,24 @@ impl VmManager {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut exit = r.vm.vmm_exit();
         let exited = |rx: &WatchRx| rx.borrow().is_some();
+        // Every step is bounded by the deadline: a hung VMM does not answer QMP either.
+        let within = |d: Duration| deadline.min(tokio::time::Instant::now() + d);
         let half = timeout / 2;
         // A paused guest cannot shut down: let it run again first, as `docker stop` does.
-        if r.vm.vmm_status().await.is_ok_and(|s| s == "paused") {
-            let _ = r.vm.resume().await;
+        let status = tokio::time::timeout_at(within(half), r.vm.vmm_status()).await;
+        if matches!(&status, Ok(Ok(s)) if s == "paused") {
+            let _ = tokio::time::timeout_at(deadline, r.vm.resume()).await;
         }
         // Only an agent that accepted Shutdown is worth waiting for.
         if matches!(
-            tokio::time::timeout(half, r.agent.shutdown()).await,
+            tokio::time::timeout_at(within(half), r.agent.shutdown()).await,
             Ok(Ok(()))
         ) {
-            let _ = tokio::time::timeout_at(
-                tokio::time::Instant::now() + half,
-                crate::process::wait_exit(&mut exit),
-            )
-            .await;
+            let _ =
+                tokio::time::timeout_at(within(half), crate::process::wait_exit(&mut exit)).await;
         }
         if !exited(&exit) {
-            let _ = r.vm.powerdown().await;
+            let _ = tokio::time::timeout_at(deadline, r.vm.powerdown()).await;
             let _ = tokio::time::timeout_at(deadline, crate::process::wait_exit(&mut exit)).await;
         }
         drop(r.bridge);
